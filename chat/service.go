@@ -1,0 +1,135 @@
+package chat
+
+import (
+	"context"
+	"crypto/rand"
+	"log/slog"
+	"strings"
+	"time"
+)
+
+// Config holds the limits and policies of the use cases. Zero values are
+// replaced by the Default constants.
+type Config struct {
+	Registration    bool          // open self-registration
+	MaxTextBytes    int           // message text, bytes of UTF-8
+	MaxMetadata     int           // serialized metadata object, bytes
+	MaxGroupMembers int           // including the owner
+	MaxTitleChars   int           // group title, characters
+	SendLimit       Limit         // per user, across nodes; Rate 0 turns it off
+	LoginLimit      Limit         // failed logins per username and per address; Rate 0 off
+	SessionTTL      time.Duration // lifetime of tokens from register/login
+	TicketTTL       time.Duration // stream tickets
+	TypingTTL       time.Duration // how long a typing indicator shows
+	Heartbeat       time.Duration // stream keep-alive and presence refresh
+	PresenceTTL     time.Duration // a stream not refreshed for this long counts offline
+	SweepEvery      time.Duration // outbox sweeper period
+	SweepAfter      time.Duration // age before the sweeper takes an event over from the fast path
+	DispatchWorkers int
+}
+
+// Defaults, each with its reason.
+const (
+	DefaultMaxTextBytes    = 16384 // API.md; long enough for a pasted log, short enough to render
+	DefaultMaxMetadata     = 4096  // API.md; metadata is for client hints, not payloads
+	DefaultMaxGroupMembers = 5000  // API.md; fan-out cost grows with it
+	DefaultMaxTitleChars   = 128
+	DefaultSendRate        = 20 // per second: faster than any human, slows runaway bots
+	DefaultSendBurst       = 60
+	DefaultLoginRate       = 10 // failed logins per minute: stops online guessing, tolerates typos
+	DefaultSessionTTL      = 30 * 24 * time.Hour
+	DefaultTicketTTL       = 60 * time.Second // long enough to open an EventSource, short enough to leak harmlessly
+	DefaultTypingTTL       = 5 * time.Second  // clients re-send typing while the user types
+	DefaultHeartbeat       = 15 * time.Second // under common proxy idle timeouts (30-60 s)
+	DefaultPresenceTTL     = 45 * time.Second // three missed heartbeats: a crashed node's streams go offline
+	DefaultSweepEvery      = time.Second
+	DefaultSweepAfter      = 2 * time.Second // the fast path normally finishes well within this
+	DefaultDispatchWorkers = 8
+)
+
+func (c Config) withDefaults() Config {
+	def := func(v *int, d int) {
+		if *v == 0 {
+			*v = d
+		}
+	}
+	defd := func(v *time.Duration, d time.Duration) {
+		if *v == 0 {
+			*v = d
+		}
+	}
+	def(&c.MaxTextBytes, DefaultMaxTextBytes)
+	def(&c.MaxMetadata, DefaultMaxMetadata)
+	def(&c.MaxGroupMembers, DefaultMaxGroupMembers)
+	def(&c.MaxTitleChars, DefaultMaxTitleChars)
+	def(&c.DispatchWorkers, DefaultDispatchWorkers)
+	defd(&c.SessionTTL, DefaultSessionTTL)
+	defd(&c.TicketTTL, DefaultTicketTTL)
+	defd(&c.TypingTTL, DefaultTypingTTL)
+	defd(&c.Heartbeat, DefaultHeartbeat)
+	defd(&c.PresenceTTL, DefaultPresenceTTL)
+	defd(&c.SweepEvery, DefaultSweepEvery)
+	defd(&c.SweepAfter, DefaultSweepAfter)
+	return c
+}
+
+// Hasher hashes passwords; the implementation (argon2id) lives outside the
+// domain because it is not standard library.
+type Hasher interface {
+	Hash(password string) (string, error)
+	Verify(encoded, password string) (bool, error)
+}
+
+// Hooks let tests inject faults the real world produces rarely.
+type Hooks struct {
+	// SkipFastDispatch, when it returns true, drops an event from the fast
+	// path as if the node died right after the commit; the sweeper must
+	// deliver it.
+	SkipFastDispatch func(OutboxEvent) bool
+}
+
+// Service is the use cases. It is safe for concurrent use.
+type Service struct {
+	store  Store
+	rt     Realtime
+	hasher Hasher
+	cfg    Config
+	log    *slog.Logger
+	hooks  Hooks
+	disp   *dispatcher
+}
+
+// NewService wires the use cases; call Start to run the dispatcher.
+func NewService(store Store, rt Realtime, hasher Hasher, cfg Config, log *slog.Logger, hooks Hooks) *Service {
+	if log == nil {
+		log = slog.Default()
+	}
+	s := &Service{store: store, rt: rt, hasher: hasher, cfg: cfg.withDefaults(), log: log, hooks: hooks}
+	s.disp = newDispatcher(s)
+	return s
+}
+
+// Config returns the effective configuration.
+func (s *Service) Config() Config { return s.cfg }
+
+// Start runs the dispatch workers and the outbox sweeper until ctx ends;
+// Wait returns when they have stopped.
+func (s *Service) Start(ctx context.Context) { s.disp.start(ctx) }
+
+// Wait blocks until the background work started by Start has ended.
+func (s *Service) Wait() { s.disp.wait() }
+
+// Ready reports whether the dependencies answer; each error is nil when fine.
+func (s *Service) Ready(ctx context.Context) (storeErr, realtimeErr error) {
+	return s.store.Ping(ctx), s.rt.Ping(ctx)
+}
+
+// newID returns an opaque, unguessable, non-sequential id with a type prefix
+// that makes ids self-describing in logs.
+func newID(prefix string) string {
+	return prefix + strings.ToLower(rand.Text()[:20])
+}
+
+// notFound is the uniform answer for conversations the caller cannot see:
+// existence is not leaked (G7).
+func notFound(what string) *Error { return Errorf(CodeNotFound, "%s not found", what) }
