@@ -7,6 +7,7 @@ import (
 	"crypto/subtle"
 	"encoding/base64"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -222,10 +223,11 @@ func (s *Service) tokenAlive(ctx context.Context, p Principal) (bool, error) {
 }
 
 // CheckAdmin compares an admin token in constant time. An empty configured
-// token disables the admin API.
+// token disables the admin API (404).
 func CheckAdmin(configured, presented string) error {
 	if configured == "" {
-		return Errorf(CodeForbidden, "the admin API is disabled on this server")
+		// Not configured: the admin API does not exist here (no hint to probe).
+		return Errorf(CodeNotFound, "no such route")
 	}
 	if subtle.ConstantTimeCompare([]byte(configured), []byte(presented)) != 1 {
 		return Errorf(CodeUnauthorized, "invalid admin token")
@@ -268,9 +270,21 @@ func (s *Service) AdminCreateToken(ctx context.Context, uid, name string, ttl ti
 	return s.CreateAPIToken(ctx, Principal{UserID: uid}, name, ttl)
 }
 
-// ListTokens lists the caller's API tokens (never their secrets).
+// ListTokens lists the caller's live tokens, API tokens and login sessions
+// alike, newest first (never their secrets), so a user can see and revoke
+// every way into the account.
 func (s *Service) ListTokens(ctx context.Context, p Principal) ([]Token, error) {
-	return s.store.Tokens(ctx, p.UserID, TokenAPI)
+	api, err := s.store.Tokens(ctx, p.UserID, TokenAPI)
+	if err != nil {
+		return nil, err
+	}
+	sessions, err := s.store.Tokens(ctx, p.UserID, TokenSession)
+	if err != nil {
+		return nil, err
+	}
+	all := append(api, sessions...)
+	slices.SortStableFunc(all, func(a, b Token) int { return b.CreatedAt.Compare(a.CreatedAt) })
+	return all, nil
 }
 
 // RevokeToken revokes one of the caller's tokens and ends its streams.

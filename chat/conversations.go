@@ -29,7 +29,11 @@ func (s *Service) CreateConversation(ctx context.Context, p Principal, req NewCo
 		if len(req.MemberIDs) != 1 {
 			return c, false, Invalid("member_ids", "a direct conversation takes exactly one peer")
 		}
-		return s.direct(ctx, p, req.MemberIDs[0], "member_ids")
+		c, created, err := s.direct(ctx, p, req.MemberIDs[0], "member_ids[0]")
+		if IsCode(err, CodeNotFound) {
+			return c, false, Invalid("member_ids[0]", "no such user")
+		}
+		return c, created, err
 	case Group:
 		var v Validation
 		s.validateTitle(&v, req.Title)

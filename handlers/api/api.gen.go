@@ -495,7 +495,7 @@ type Message struct {
 	ID string `json:"id"`
 
 	// Metadata As sent; absent when none was sent.
-	Metadata map[string]interface{} `json:"metadata,omitempty"`
+	Metadata *json.RawMessage `json:"metadata,omitempty"`
 
 	// SenderID A user id, which is the username chosen at registration (immutable).
 	//
@@ -625,7 +625,7 @@ type SendMessageRequest struct {
 	// Metadata Free-form JSON object stored and delivered with the message (for
 	// example attachments or formatting). At most 64 top-level keys and
 	// 4 KiB serialized, which the server enforces.
-	Metadata map[string]interface{} `json:"metadata,omitempty"`
+	Metadata *json.RawMessage `json:"metadata,omitempty"`
 
 	// Text The message text: 1..16384 **bytes** of valid UTF-8 (the server
 	// counts the bytes of the UTF-8 encoding, not characters) and no NUL

@@ -1,0 +1,257 @@
+package handlers
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"strings"
+
+	"github.com/getkin/kin-openapi/openapi3"
+	"github.com/getkin/kin-openapi/openapi3filter"
+	"github.com/getkin/kin-openapi/routers"
+	"github.com/getkin/kin-openapi/routers/gorillamux"
+	"github.com/go-chi/chi/v5"
+
+	"imd/chat"
+)
+
+type ctxKey int
+
+const (
+	principalKey ctxKey = iota
+	clientAddrKey
+	cookieAuthKey
+)
+
+// principalFrom returns the authenticated caller; the auth middleware has
+// run for every route that declares security, so it is always there.
+func principalFrom(ctx context.Context) chat.Principal {
+	p, _ := ctx.Value(principalKey).(chat.Principal)
+	return p
+}
+
+func clientAddr(ctx context.Context) string {
+	a, _ := ctx.Value(clientAddrKey).(string)
+	return a
+}
+
+// viaCookie reports whether the request authenticated with the session cookie.
+func viaCookie(ctx context.Context) bool { v, _ := ctx.Value(cookieAuthKey).(bool); return v }
+
+// limitBody rejects bodies over max with 413 before anything reads them.
+func (s *Server) limitBody(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.ContentLength > s.cfg.MaxBodyBytes {
+			writeError(w, r, s.log, errTooLarge)
+			return
+		}
+		r.Body = http.MaxBytesReader(w, r.Body, s.cfg.MaxBodyBytes)
+		host, _, err := net.SplitHostPort(r.RemoteAddr)
+		if err != nil {
+			host = r.RemoteAddr
+		}
+		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), clientAddrKey, host)))
+	})
+}
+
+// authKind is what a route's declared security asks for.
+type authKind int
+
+const (
+	authNone authKind = iota
+	authUser
+	authAdmin
+)
+
+// securityOf reads each operation's security from the spec, so the contract
+// and the enforcement cannot disagree. Keys are "METHOD /path/{param}".
+func securityOf(doc *openapi3.T) map[string]authKind {
+	out := map[string]authKind{}
+	for path, item := range doc.Paths.Map() {
+		for method, op := range item.Operations() {
+			reqs := doc.Security
+			if op.Security != nil {
+				reqs = *op.Security
+			}
+			kind := authNone
+			for _, req := range reqs {
+				if _, ok := req["adminToken"]; ok {
+					kind = authAdmin
+				} else if len(req) > 0 && kind == authNone {
+					kind = authUser
+				}
+			}
+			out[method+" "+path] = kind
+		}
+	}
+	return out
+}
+
+// authenticate enforces the route's security: a user token (Bearer header or
+// the session cookie) or the admin token. It runs after chi routed the
+// request, so the route pattern is known.
+func (s *Server) authenticate(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		pattern := chi.RouteContext(r.Context()).RoutePattern()
+		switch s.security[r.Method+" "+pattern] {
+		case authNone:
+			next.ServeHTTP(w, r)
+		case authAdmin:
+			if err := chat.CheckAdmin(s.cfg.AdminToken, bearer(r)); err != nil {
+				writeError(w, r, s.log, err)
+				return
+			}
+			next.ServeHTTP(w, r)
+		default:
+			p, cookie, err := s.principal(r)
+			if err != nil {
+				writeError(w, r, s.log, err)
+				return
+			}
+			ctx := context.WithValue(r.Context(), principalKey, p)
+			ctx = context.WithValue(ctx, cookieAuthKey, cookie)
+			next.ServeHTTP(w, r.WithContext(ctx))
+		}
+	})
+}
+
+// SessionCookie is the name of the cookie login sets.
+const SessionCookie = "imd_session"
+
+// principal authenticates by Bearer header, else by session cookie. A
+// cookie-authenticated unsafe request must be same-origin: cookies ride
+// along on cross-site requests, bearer headers do not (CSRF).
+func (s *Server) principal(r *http.Request) (chat.Principal, bool, error) {
+	if tok := bearer(r); tok != "" {
+		p, err := s.svc.Authenticate(r.Context(), tok)
+		return p, false, err
+	}
+	if c, err := r.Cookie(SessionCookie); err == nil && c.Value != "" {
+		if err := s.csrf.Check(r); err != nil {
+			return chat.Principal{}, true, chat.Errorf(chat.CodeForbidden, "cross-origin request with the session cookie")
+		}
+		p, err := s.svc.Authenticate(r.Context(), c.Value)
+		return p, true, err
+	}
+	return chat.Principal{}, false, chat.Errorf(chat.CodeUnauthorized, "missing credentials: send Authorization: Bearer <token>")
+}
+
+func bearer(r *http.Request) string {
+	h := r.Header.Get("Authorization")
+	if len(h) > 7 && strings.EqualFold(h[:7], "bearer ") {
+		return strings.TrimSpace(h[7:])
+	}
+	return ""
+}
+
+// validator checks requests against openapi.yaml (kin-openapi) and answers
+// problem+json naming the offending field.
+type validator struct {
+	router routers.Router
+}
+
+func newValidator(doc *openapi3.T) (*validator, error) {
+	// Match on paths only: the servers list describes deployments, not this listener.
+	d := *doc
+	d.Servers = nil
+	rt, err := gorillamux.NewRouter(&d)
+	if err != nil {
+		return nil, err
+	}
+	return &validator{router: rt}, nil
+}
+
+func (s *Server) validate(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		route, params, err := s.validator.router.FindRoute(r)
+		if err != nil {
+			next.ServeHTTP(w, r) // chi routed it; nothing in the spec to check
+			return
+		}
+		in := &openapi3filter.RequestValidationInput{Request: r, PathParams: params, Route: route,
+			Options: &openapi3filter.Options{AuthenticationFunc: openapi3filter.NoopAuthenticationFunc, MultiError: true}}
+		if err := openapi3filter.ValidateRequest(r.Context(), in); err != nil {
+			writeError(w, r, s.log, translateValidation(err))
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// translateValidation turns kin-openapi errors into one invalid_request with
+// a field per problem.
+func translateValidation(err error) error {
+	if tooLarge(err) {
+		return errTooLarge
+	}
+	var v chat.Validation
+	var walk func(error)
+	walk = func(err error) {
+		switch e := err.(type) {
+		case openapi3.MultiError:
+			for _, x := range e {
+				walk(x)
+			}
+		case *openapi3filter.RequestError:
+			if tooLarge(e.Err) {
+				v.Add("body", "too large")
+				return
+			}
+			field := "body"
+			if e.Parameter != nil {
+				field = e.Parameter.Name
+			}
+			switch inner := e.Err.(type) {
+			case openapi3.MultiError:
+				for _, x := range inner {
+					addSchemaError(&v, field, x, e.Parameter != nil)
+				}
+			case nil:
+				v.Add(field, e.Reason)
+			default:
+				addSchemaError(&v, field, inner, e.Parameter != nil)
+			}
+		default:
+			v.Add("request", err.Error())
+		}
+	}
+	walk(err)
+	out := v.Err()
+	for _, f := range out.(*chat.Error).Fields {
+		if f.Message == "too large" && f.Field == "body" {
+			return errTooLarge
+		}
+	}
+	return out
+}
+
+func addSchemaError(v *chat.Validation, field string, err error, isParam bool) {
+	se, ok := err.(*openapi3.SchemaError)
+	if !ok {
+		if pe, ok := err.(*openapi3filter.ParseError); ok {
+			v.Add(field, pe.Reason)
+			return
+		}
+		v.Add(field, "is invalid")
+		return
+	}
+	if ptr := se.JSONPointer(); len(ptr) > 0 && !isParam {
+		field = strings.Join(ptr, ".")
+	}
+	reason := se.Reason
+	if se.SchemaField == "additionalProperties" || se.SchemaField == "properties" {
+		// kin-openapi says: property "x" is unsupported (filed under
+		// "properties" by v0.153, under "additionalProperties" by older ones)
+		var name string
+		if _, err := fmt.Sscanf(reason, "property %q is unsupported", &name); err == nil {
+			if field == "body" {
+				field = name
+			} else {
+				field += "." + name
+			}
+			reason = "unknown field"
+		}
+	}
+	v.Add(field, reason)
+}

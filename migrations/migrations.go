@@ -1,0 +1,89 @@
+// Package migrations owns imd's PostgreSQL schema as versioned SQL files.
+//
+// Why versioned SQL embedded in the binary: the schema a binary needs always
+// ships with it, so there is nothing to copy next to it and no way to run a
+// binary against files of another version. Each file is a goose migration
+// (-- +goose Up / -- +goose Down), applied in order and recorded in the
+// goose_db_version table. cmd/imd applies them at start and `imd migrate`
+// applies them alone; both call [Up].
+package migrations
+
+import (
+	"context"
+	"database/sql"
+	"embed"
+	"fmt"
+	"hash/fnv"
+
+	"github.com/pressly/goose/v3"
+	"github.com/pressly/goose/v3/lock"
+)
+
+// FS holds the migrations, named NNNNN_description.sql.
+//
+//go:embed *.sql
+var FS embed.FS
+
+// Up applies every pending migration to the schema that db's connections
+// default to (the first schema of their search_path).
+//
+// Several nodes may start at once: a PostgreSQL session advisory lock makes
+// them take turns, and each applies only what is still pending when it gets
+// the lock. goose's version table name is unqualified, so it lands in the
+// current schema along with the tables; for the same reason the lock key is
+// derived from the current schema, so that migrations of unrelated schemas in
+// one database (one per test) do not wait for each other.
+func Up(ctx context.Context, db *sql.DB) error {
+	p, err := newProvider(ctx, db)
+	if err != nil {
+		return err
+	}
+	if _, err := p.Up(ctx); err != nil {
+		return fmt.Errorf("migrations: up: %w", err)
+	}
+	return nil
+}
+
+// lockRetrySeconds is how often a node waiting for another's migration
+// checks the lock again; lockRetries bounds the wait (5 minutes) so that a
+// stuck migration fails the start instead of hanging it forever.
+const (
+	lockRetrySeconds = 1
+	lockRetries      = 300
+)
+
+func newProvider(ctx context.Context, db *sql.DB) (*goose.Provider, error) {
+	var schema sql.NullString
+	if err := db.QueryRowContext(ctx, "SELECT current_schema()").Scan(&schema); err != nil {
+		return nil, fmt.Errorf("migrations: current schema: %w", err)
+	}
+	if !schema.Valid {
+		// No schema of the search_path exists: goose would fail later with a
+		// less helpful "no schema has been selected to create in".
+		return nil, fmt.Errorf("migrations: no schema of the search_path exists")
+	}
+	locker, err := lock.NewPostgresSessionLocker(
+		lock.WithLockID(lockID(schema.String)),
+		lock.WithLockTimeout(lockRetrySeconds, lockRetries),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("migrations: locker: %w", err)
+	}
+	p, err := goose.NewProvider(goose.DialectPostgres, db, FS,
+		goose.WithSessionLocker(locker),
+		// Only the SQL files here: nothing registered globally by other packages.
+		goose.WithDisableGlobalRegistry(true),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("migrations: %w", err)
+	}
+	return p, nil
+}
+
+// lockID is the advisory lock key for migrating schema. Advisory locks are
+// per database, so the schema name is part of the key.
+func lockID(schema string) int64 {
+	h := fnv.New64a()
+	h.Write([]byte("imd-migrations:" + schema))
+	return int64(h.Sum64())
+}

@@ -1,0 +1,179 @@
+package store
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/jmoiron/sqlx"
+	"github.com/lib/pq"
+
+	"imd/chat"
+)
+
+type outboxRow struct {
+	ID             int64          `db:"id"`
+	ConversationID string         `db:"conversation_id"`
+	Type           string         `db:"type"`
+	Seq            int64          `db:"seq"`
+	Data           []byte         `db:"data"`
+	Recipients     pq.StringArray `db:"recipients"`
+	Extra          pq.StringArray `db:"extra"`
+	CreatedAt      time.Time      `db:"created_at"`
+}
+
+func (r outboxRow) event() chat.OutboxEvent {
+	return chat.OutboxEvent{
+		ID:             r.ID,
+		ConversationID: r.ConversationID,
+		Type:           chat.EventType(r.Type),
+		Seq:            r.Seq,
+		Data:           nilIfEmpty(r.Data),
+		To:             nilIfNone(r.Recipients),
+		Extra:          nilIfNone(r.Extra),
+		CreatedAt:      r.CreatedAt.UTC(),
+	}
+}
+
+func nilIfEmpty(b []byte) json.RawMessage {
+	if len(b) == 0 {
+		return nil
+	}
+	return b
+}
+
+func nilIfNone(s []string) []string {
+	if len(s) == 0 {
+		return nil
+	}
+	return s
+}
+
+type insertedEvent struct {
+	ID        int64     `db:"id"`
+	CreatedAt time.Time `db:"created_at"`
+}
+
+const outboxCols = `id, conversation_id, type, seq, data, recipients, extra, created_at`
+
+// insertEventsSQL writes any number of events in one round trip (a group
+// addition writes one member.added per new member). Arrays cannot nest
+// per row, so each row's recipient lists travel as a JSON array in a text
+// element (empty for none). The ORDER BY makes the ids follow the order of the
+// events, which the dispatcher keeps. created_at is the mutation's own time
+// when it has one ($7), so that the dispatcher's session-cache touches use
+// the same time as conversations.last_activity_at; else the database's.
+const insertEventsSQL = `
+INSERT INTO outbox (conversation_id, type, seq, data, recipients, extra, created_at)
+SELECT e.cid, e.type, e.seq, NULLIF(e.data, ''::bytea),
+       CASE WHEN e.rcpt = '' THEN NULL ELSE ARRAY(SELECT jsonb_array_elements_text(e.rcpt::jsonb)) END,
+       CASE WHEN e.extra = '' THEN NULL ELSE ARRAY(SELECT jsonb_array_elements_text(e.extra::jsonb)) END,
+       COALESCE($7::timestamptz, date_trunc('milliseconds', now()))
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[], $5::text[], $6::text[])
+     WITH ORDINALITY AS e(cid, type, seq, data, rcpt, extra, ord)
+ORDER BY e.ord
+RETURNING id, created_at`
+
+// insertEvents writes evs to the outbox inside tx and returns them with the
+// ids and times the database gave them. at is the time of the mutation; zero
+// when it has none (the database clock stamps the events then).
+func insertEvents(ctx context.Context, tx *sqlx.Tx, at time.Time, evs []chat.OutboxEvent) ([]chat.OutboxEvent, error) {
+	if len(evs) == 0 {
+		return nil, nil
+	}
+	n := len(evs)
+	cids, types, rcpts, extras := make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+	seqs, datas := make([]int64, n), make([][]byte, n)
+	for i, e := range evs {
+		cids[i], types[i], seqs[i], datas[i] = e.ConversationID, string(e.Type), e.Seq, e.Data
+		var err error
+		if rcpts[i], err = jsonList(e.To); err != nil {
+			return nil, err
+		}
+		if extras[i], err = jsonList(e.Extra); err != nil {
+			return nil, err
+		}
+	}
+	var rows []insertedEvent
+	if err := tx.SelectContext(ctx, &rows, insertEventsSQL,
+		pq.Array(cids), pq.Array(types), pq.Array(seqs), pq.Array(datas), pq.Array(rcpts), pq.Array(extras), timeArg(at)); err != nil {
+		return nil, err
+	}
+	if len(rows) != n {
+		return nil, fmt.Errorf("outbox: inserted %d events, want %d", len(rows), n)
+	}
+	// Ids are drawn in insertion order, which is the order of evs.
+	slices.SortFunc(rows, func(a, b insertedEvent) int { return cmp.Compare(a.ID, b.ID) })
+	out := slices.Clone(evs)
+	for i := range out {
+		out[i].ID = rows[i].ID
+		out[i].CreatedAt = rows[i].CreatedAt.UTC()
+		out[i].Data = nilIfEmpty(out[i].Data)
+		out[i].To = nilIfNone(out[i].To)
+		out[i].Extra = nilIfNone(out[i].Extra)
+	}
+	return out, nil
+}
+
+// timeArg is NULL for the zero time.
+func timeArg(t time.Time) any {
+	if t.IsZero() {
+		return nil
+	}
+	return t
+}
+
+func jsonList(ids []string) (string, error) {
+	if len(ids) == 0 {
+		return "", nil
+	}
+	b, err := json.Marshal(ids)
+	return string(b), err
+}
+
+// DefaultClaimLimit is used when ClaimEvents is given no positive limit: a
+// sweeper batch small enough to dispatch well within a lease.
+const DefaultClaimLimit = 100
+
+// ClaimEvents leases up to limit events created before olderThan that no
+// other node holds. FOR UPDATE SKIP LOCKED lets sweepers on several nodes
+// claim disjoint batches at once; the lease (not the row lock, which ends
+// with the statement) keeps others off the claimed rows until it runs out, so
+// a node that dies mid-dispatch only delays its batch.
+func (s *Store) ClaimEvents(ctx context.Context, olderThan time.Time, lease time.Duration, limit int) ([]chat.OutboxEvent, error) {
+	if limit <= 0 {
+		limit = DefaultClaimLimit
+	}
+	var rows []outboxRow
+	if err := s.db.SelectContext(ctx, &rows,
+		`UPDATE outbox SET lease_until = now() + $2 * interval '1 microsecond'
+		 WHERE id IN (
+			SELECT id FROM outbox
+			WHERE created_at < $1 AND lease_until < now()
+			ORDER BY id
+			LIMIT $3
+			FOR UPDATE SKIP LOCKED)
+		 RETURNING `+outboxCols,
+		olderThan, lease.Microseconds(), limit); err != nil {
+		return nil, dbErr(err)
+	}
+	slices.SortFunc(rows, func(a, b outboxRow) int { return cmp.Compare(a.ID, b.ID) })
+	out := make([]chat.OutboxEvent, 0, len(rows))
+	for _, r := range rows {
+		out = append(out, r.event())
+	}
+	return out, nil
+}
+
+// EventsDone deletes dispatched events; ids already gone are ignored (two
+// nodes may both have dispatched an event whose lease ran out).
+func (s *Store) EventsDone(ctx context.Context, ids []int64) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	_, err := s.db.ExecContext(ctx, `DELETE FROM outbox WHERE id = ANY($1::bigint[])`, pq.Array(ids))
+	return dbErr(err)
+}

@@ -1,0 +1,205 @@
+// Package store is imd's PostgreSQL adapter: it implements chat.Store with
+// sqlx and lib/pq, and it is the only package that knows SQL.
+//
+// PostgreSQL is the source of truth, so the guarantees of DESIGN.md §2 that
+// must survive crashes and races live in its transactions and constraints:
+// a send commits its message, its seq (the conversation row lock orders
+// them, G3) and its outbox event together (G1); an idempotency key is a
+// UNIQUE index (G2); membership is checked inside the writing statement (G7).
+// Every mutation writes the outbox events that describe it in the same
+// transaction, so a node dying after the commit loses no event.
+//
+// Errors leave this package as *chat.Error only (see dbErr): callers never see
+// driver errors, and a database that cannot be reached is CodeUnavailable so
+// that the HTTP layer answers 503 at once.
+package store
+
+import (
+	"context"
+	"database/sql"
+	"database/sql/driver"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/jmoiron/sqlx"
+	"github.com/lib/pq"
+
+	"imd/chat"
+	"imd/migrations"
+)
+
+var _ chat.Store = (*Store)(nil)
+
+// Pool sizing. DefaultMaxOpenConns bounds what one node may take of the
+// server's max_connections (100 by default) while leaving room for a few
+// nodes; idle connections are kept as many as open ones because sends come
+// in bursts and reconnecting costs more than an idle backend, but are closed
+// after DefaultConnMaxIdleTime so a quiet node gives them back.
+const (
+	DefaultMaxOpenConns    = 32
+	DefaultMaxIdleConns    = 32
+	DefaultConnMaxIdleTime = 5 * time.Minute
+)
+
+// Store implements chat.Store on PostgreSQL.
+type Store struct {
+	db *sqlx.DB
+}
+
+// Open connects to databaseURL, checks that the database answers and
+// returns a Store with a pool sized for one node. An unreachable database
+// is CodeUnavailable.
+func Open(ctx context.Context, databaseURL string) (*Store, error) {
+	db, err := sqlx.Open("postgres", databaseURL)
+	if err != nil {
+		return nil, chat.Internal(fmt.Errorf("store: open: %w", err))
+	}
+	db.SetMaxOpenConns(DefaultMaxOpenConns)
+	db.SetMaxIdleConns(DefaultMaxIdleConns)
+	db.SetConnMaxIdleTime(DefaultConnMaxIdleTime)
+	if err := db.PingContext(ctx); err != nil {
+		_ = db.Close()
+		return nil, dbErr(err)
+	}
+	return &Store{db: db}, nil
+}
+
+// New wraps an existing pool (of the "postgres" driver).
+func New(db *sqlx.DB) *Store { return &Store{db: db} }
+
+// DB returns the pool, for wiring (readiness, migrations) and tests.
+func (s *Store) DB() *sqlx.DB { return s.db }
+
+// Close closes the pool.
+func (s *Store) Close() error { return s.db.Close() }
+
+// Migrate applies the pending migrations; safe when several nodes start at once.
+func (s *Store) Migrate(ctx context.Context) error {
+	if err := migrations.Up(ctx, s.db.DB); err != nil {
+		return dbErr(err)
+	}
+	return nil
+}
+
+// Ping reports whether the database answers (readiness).
+func (s *Store) Ping(ctx context.Context) error { return dbErr(s.db.PingContext(ctx)) }
+
+// inTx runs fn in a READ COMMITTED transaction and commits it unless fn
+// fails. Every error comes back mapped by dbErr.
+//
+// Lock order, to keep transactions free of deadlocks: a transaction that
+// writes both a conversations row and members rows locks the conversation
+// first (Send, AddMembers, RemoveMember all do).
+func (s *Store) inTx(ctx context.Context, fn func(tx *sqlx.Tx) error) error {
+	tx, err := s.db.BeginTxx(ctx, nil)
+	if err != nil {
+		return dbErr(err)
+	}
+	defer func() { _ = tx.Rollback() }() // a no-op after Commit
+	if err := fn(tx); err != nil {
+		return dbErr(err)
+	}
+	return dbErr(tx.Commit())
+}
+
+// conflictMessages are client-safe messages for unique violations, by
+// constraint name (PostgreSQL's default names for the constraints of
+// migrations/00001_init.sql).
+var conflictMessages = map[string]string{
+	"users_pkey":                   "username is taken",
+	"tokens_pkey":                  "token id already exists",
+	"tokens_secret_hash_key":       "token already exists",
+	"stream_tickets_pkey":          "ticket already exists",
+	"conversations_pkey":           "conversation id already exists",
+	"conversations_direct_key_key": "direct conversation already exists",
+	"messages_id_key":              "message id already exists",
+	"messages_idempotency_idx":     "client_msg_id already used",
+}
+
+// foreignKeyFields name the input field behind a foreign-key violation, by
+// constraint name.
+var foreignKeyFields = map[string]string{
+	"tokens_user_id_fkey":           "user_id",
+	"stream_tickets_user_id_fkey":   "user_id",
+	"members_user_id_fkey":          "user_id",
+	"members_conversation_id_fkey":  "conversation_id",
+	"messages_conversation_id_fkey": "conversation_id",
+}
+
+// dbErr is the one place that turns database errors into *chat.Error.
+// Errors that already are *chat.Error pass through unchanged.
+func dbErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	if ce, ok := errors.AsType[*chat.Error](err); ok {
+		return ce
+	}
+	if errors.Is(err, sql.ErrNoRows) {
+		return chat.ErrNotFound
+	}
+	if unavailable(err) {
+		return chat.Unavailable("database", err)
+	}
+	if pe := pq.As(err); pe != nil {
+		switch pe.Code {
+		case "23505": // unique_violation
+			msg, ok := conflictMessages[pe.Constraint]
+			if !ok {
+				msg = "already exists"
+			}
+			return &chat.Error{Code: chat.CodeConflict, Message: msg, Err: err}
+		case "23503": // foreign_key_violation
+			field, ok := foreignKeyFields[pe.Constraint]
+			if !ok {
+				field = "id"
+			}
+			e := chat.Invalid(field, "unknown id")
+			e.Err = err
+			return e
+		case "23514", "22P02", "22001", "22021", "22003":
+			// check_violation (a kind or role outside its set), invalid text
+			// representation (metadata that is not JSON), string too long,
+			// bad encoding (NUL), number out of range: bad input that the
+			// domain did not catch.
+			return &chat.Error{Code: chat.CodeInvalid, Message: "invalid value", Err: err}
+		}
+	}
+	return chat.Internal(err)
+}
+
+// unavailable reports errors that mean "the database cannot be reached or
+// cannot serve now": the request may be retried, and the client should hear
+// so quickly (503) rather than wait for a timeout.
+func unavailable(err error) bool {
+	switch {
+	case errors.Is(err, driver.ErrBadConn), errors.Is(err, sql.ErrConnDone),
+		errors.Is(err, context.DeadlineExceeded),
+		errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
+		errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ECONNRESET),
+		errors.Is(err, syscall.EPIPE):
+		return true
+	}
+	if _, ok := errors.AsType[net.Error](err); ok {
+		return true
+	}
+	// database/sql does not export its "closed pool" error.
+	if strings.Contains(err.Error(), "sql: database is closed") {
+		return true
+	}
+	if pe := pq.As(err); pe != nil {
+		switch {
+		case pe.Code.Class() == "08", // connection exception
+			pe.Code.Class() == "53",                                    // insufficient resources (too many connections, disk full)
+			pe.Code == "57P01", pe.Code == "57P02", pe.Code == "57P03", // shutdown, crash, starting up
+			pe.Code == "57014": // query canceled (statement timeout or cancelled request)
+			return true
+		}
+	}
+	return false
+}
