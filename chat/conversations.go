@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/base64"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -123,7 +124,25 @@ func (s *Service) ListConversations(ctx context.Context, p Principal, page Page)
 		ids[i] = it.ConversationID
 	}
 	convs, err := s.store.ConversationsFor(ctx, p.UserID, ids)
-	return convs, next, err
+	if err != nil {
+		return nil, "", err
+	}
+	// The cached order lags a send by one dispatch (the dispatcher touches
+	// the lists after the commit). Order the page by the activity PostgreSQL
+	// just returned, so that a page never contradicts its own
+	// last_activity_at fields and a send shows at the top at once.
+	slices.SortStableFunc(convs, func(a, b Conversation) int {
+		x := Activity{ConversationID: a.ID, At: a.LastActivityAt}
+		y := Activity{ConversationID: b.ID, At: b.LastActivityAt}
+		switch {
+		case activityBefore(x, y):
+			return -1
+		case activityBefore(y, x):
+			return 1
+		}
+		return 0
+	})
+	return convs, next, nil
 }
 
 // sessionRebuildMax bounds the rebuild of one user's cached list.

@@ -135,7 +135,7 @@ func (s *Service) deliver(ctx context.Context, ev OutboxEvent) error {
 	if len(to) == 0 {
 		return nil
 	}
-	ds, err := s.deliveries(ctx, ev, to)
+	ds, activity, err := s.deliveries(ctx, ev, to)
 	if err != nil {
 		return err
 	}
@@ -152,7 +152,12 @@ func (s *Service) deliver(ctx context.Context, ev OutboxEvent) error {
 	case EventMessageCreated:
 		err = s.rt.TouchSessions(ctx, to, ev.ConversationID, ev.CreatedAt)
 	case EventConversationCreated:
-		err = s.rt.TouchSessions(ctx, to, ev.ConversationID, ev.CreatedAt)
+		if activity.IsZero() {
+			break
+		}
+		// The list orders by the conversation's own last activity (as
+		// PostgreSQL does), not by when the user joined.
+		err = s.rt.TouchSessions(ctx, to, ev.ConversationID, activity)
 	case EventMemberRemoved:
 		for _, uid := range ev.Extra {
 			if err = s.rt.RemoveSession(ctx, uid, ev.ConversationID); err != nil {
@@ -163,20 +168,24 @@ func (s *Service) deliver(ctx context.Context, ev OutboxEvent) error {
 	return err
 }
 
-func (s *Service) deliveries(ctx context.Context, ev OutboxEvent, to []string) ([]Delivery, error) {
+// deliveries builds the log entries of ev for its recipients; for
+// conversation events it also returns the conversation's last activity.
+func (s *Service) deliveries(ctx context.Context, ev OutboxEvent, to []string) ([]Delivery, time.Time, error) {
 	ds := make([]Delivery, 0, len(to))
+	var activity time.Time
 	switch ev.Type {
 	case EventConversationCreated, EventConversationUpdated:
 		// The payload is the conversation as each recipient sees it.
 		views, err := s.store.ConversationViews(ctx, ev.ConversationID, to)
 		if err != nil {
-			return nil, err
+			return nil, activity, err
 		}
 		for _, uid := range to {
 			v, ok := views[uid]
 			if !ok {
 				continue // left again before the dispatch
 			}
+			activity = v.LastActivityAt
 			data, _ := json.Marshal(v)
 			e := &LogEntry{Key: ev.Key(), Type: ev.Type, ConversationID: ev.ConversationID, Data: data}
 			if ev.Type == EventConversationCreated {
@@ -184,7 +193,7 @@ func (s *Service) deliveries(ctx context.Context, ev OutboxEvent, to []string) (
 			}
 			ds = append(ds, Delivery{UserID: uid, Entry: e})
 		}
-		return ds, nil
+		return ds, activity, nil
 	}
 	shared := &LogEntry{Key: ev.Key(), Type: ev.Type, ConversationID: ev.ConversationID, Data: ev.Data}
 	if ev.Type == EventMessageCreated {
@@ -199,7 +208,7 @@ func (s *Service) deliveries(ctx context.Context, ev OutboxEvent, to []string) (
 		}
 		ds = append(ds, Delivery{UserID: uid, Entry: e})
 	}
-	return ds, nil
+	return ds, activity, nil
 }
 
 // fillGap appends the messages a user's log is missing before g.Seq, read

@@ -41,7 +41,9 @@ CREATE TABLE stream_tickets (
 CREATE INDEX stream_tickets_expires_idx ON stream_tickets (expires_at);
 
 CREATE TABLE conversations (
-	id               text PRIMARY KEY,
+	-- Byte order (COLLATE "C"): lists break activity ties by id, and the
+	-- Redis session cache orders ties by raw bytes; both must agree.
+	id               text COLLATE "C" PRIMARY KEY,
 	type             text NOT NULL CHECK (type IN ('direct', 'group')),
 	title            text NOT NULL DEFAULT '',
 	-- The pair's user ids, sorted and joined by a space: the UNIQUE constraint

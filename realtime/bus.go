@@ -1,0 +1,447 @@
+package realtime
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"imd/chat"
+)
+
+// Pub/Sub timing. The receiver is the only reader of the node's one PubSub
+// connection (go-redis' PubSub.Channel() buffers and then drops messages,
+// DESIGN.md §7, so it is not used).
+const (
+	// subscribeAckTimeout bounds how long Subscribe waits for Redis to
+	// confirm a new channel. Normally that is one round trip; the bound only
+	// matters when Redis is down or stalled, and then the wake-all after the
+	// reconnect covers whatever was published before the subscription took.
+	subscribeAckTimeout = time.Second
+	// pubsubCommandTimeout bounds SUBSCRIBE/UNSUBSCRIBE/PING writes, which
+	// may have to dial first.
+	pubsubCommandTimeout = time.Second
+	// pubsubHealthInterval: after that long without any message the receiver
+	// pings, and if another interval passes without even the pong, the
+	// connection is taken as dead (a half-open TCP connection never reports
+	// an error) and replaced. Idle cost: one PING per node per interval.
+	pubsubHealthInterval = 5 * time.Second
+	// The receiver retries a lost connection after a backoff growing from
+	// the minimum to the maximum, so a down Redis is not hammered.
+	pubsubMinBackoff = 50 * time.Millisecond
+	pubsubMaxBackoff = time.Second
+)
+
+// ErrSlowSubscriber is the Err of a subscription whose Events channel was
+// closed because its buffer was full: the stream should end, and the client
+// resumes from its log.
+var ErrSlowSubscriber = errors.New("realtime: subscriber too slow, events dropped")
+
+// ErrClosed is returned by Subscribe after Close, and is the Err of the
+// subscriptions Close ended.
+var ErrClosed = errors.New("realtime: closed")
+
+// bus is the node's Pub/Sub side: one PubSub connection, one receiver
+// goroutine, and a registry of local subscriptions per channel.
+type bus struct {
+	r      *Redis
+	health time.Duration // pubsubHealthInterval, shorter in tests
+
+	// psMu serializes what is written to the PubSub connection together
+	// with the decision to write it, so that a channel's SUBSCRIBE and
+	// UNSUBSCRIBE reach Redis in the order the registry decided them.
+	// Lock order: psMu before mu.
+	psMu sync.Mutex
+	ps   *redis.PubSub // replaced only by the receiver, under psMu
+
+	mu       sync.Mutex
+	channels map[string]*channelState
+	pongs    map[string]chan struct{} // ping token → closed when its pong arrives
+	pingSeq  uint64
+	closed   bool
+
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+type channelState struct {
+	subs       map[*subscription]struct{}
+	subscribed bool          // SUBSCRIBE sent (or recorded for the reconnect) and no UNSUBSCRIBE since
+	ready      chan struct{} // closed once Redis confirmed the SUBSCRIBE (or it is moot)
+}
+
+func newBus(r *Redis, health time.Duration) *bus {
+	ctx, cancel := context.WithCancel(context.Background())
+	b := &bus{
+		r:        r,
+		health:   health,
+		ps:       r.rdb.Subscribe(ctx), // no channel yet: connects on first use
+		channels: make(map[string]*channelState),
+		pongs:    make(map[string]chan struct{}),
+		cancel:   cancel,
+		done:     make(chan struct{}),
+	}
+	go b.receive(ctx)
+	return b
+}
+
+// subscription is one stream's view of its user's channel.
+type subscription struct {
+	b       *bus
+	channel string
+	wake    chan struct{}
+	events  chan chat.StreamEvent
+
+	// guarded by b.mu
+	closed       bool
+	eventsClosed bool
+	err          error
+}
+
+func (s *subscription) Wake() <-chan struct{}           { return s.wake }
+func (s *subscription) Events() <-chan chat.StreamEvent { return s.events }
+
+// Err says why Events was closed: ErrSlowSubscriber, ErrClosed, or nil
+// (the subscription was closed by its owner, or Events is still open).
+func (s *subscription) Err() error {
+	s.b.mu.Lock()
+	defer s.b.mu.Unlock()
+	return s.err
+}
+
+// Close ends the subscription and closes its Events channel; the last local
+// subscription of a user unsubscribes the node from the user's channel.
+func (s *subscription) Close() {
+	b := s.b
+	b.mu.Lock()
+	if s.closed {
+		b.mu.Unlock()
+		return
+	}
+	s.closed = true
+	s.closeEvents(nil)
+	empty := false
+	if st := b.channels[s.channel]; st != nil {
+		delete(st.subs, s)
+		empty = len(st.subs) == 0
+	}
+	b.mu.Unlock()
+	if empty {
+		b.unsubscribeIfUnused(s.channel)
+	}
+}
+
+// closeEvents closes Events once; b.mu must be held.
+func (s *subscription) closeEvents(err error) {
+	if s.eventsClosed {
+		return
+	}
+	s.eventsClosed = true
+	s.err = err
+	close(s.events)
+}
+
+// Subscribe implements chat.Bus. When this is the node's first subscription
+// for uid it waits (up to subscribeAckTimeout) until Redis has confirmed the
+// SUBSCRIBE, so that anything published after Subscribe returns reaches it.
+// With Redis down it still returns a working subscription: the receiver
+// subscribes it when Redis is back and then wakes it.
+func (r *Redis) Subscribe(ctx context.Context, uid string) (chat.Subscription, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	b := r.bus
+	s := &subscription{
+		b:       b,
+		channel: r.userChannel(uid),
+		wake:    make(chan struct{}, 1),
+		events:  make(chan chat.StreamEvent, r.cfg.EventBuffer),
+	}
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return nil, ErrClosed
+	}
+	st := b.channels[s.channel]
+	if st == nil {
+		st = &channelState{subs: make(map[*subscription]struct{})}
+		b.channels[s.channel] = st
+	}
+	st.subs[s] = struct{}{}
+	b.mu.Unlock()
+
+	if ready := b.subscribeIfNeeded(ctx, s.channel); ready != nil {
+		t := time.NewTimer(subscribeAckTimeout)
+		select {
+		case <-ready:
+		case <-t.C:
+		case <-ctx.Done():
+		}
+		t.Stop()
+	}
+	return s, nil
+}
+
+// subscribeIfNeeded sends SUBSCRIBE for channel unless already sent, then a
+// PING whose pong proves Redis processed it. It returns the channel's ready
+// signal, nil when there is nothing to wait for.
+func (b *bus) subscribeIfNeeded(ctx context.Context, channel string) <-chan struct{} {
+	b.psMu.Lock()
+	defer b.psMu.Unlock()
+	b.mu.Lock()
+	st := b.channels[channel]
+	if st == nil || len(st.subs) == 0 || b.closed {
+		b.mu.Unlock()
+		return nil
+	}
+	if st.subscribed {
+		b.mu.Unlock()
+		return st.ready
+	}
+	st.subscribed = true
+	ready := make(chan struct{})
+	st.ready = ready
+	b.pingSeq++
+	token := "sub:" + strconv.FormatUint(b.pingSeq, 10)
+	b.pongs[token] = ready
+	b.mu.Unlock()
+
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), pubsubCommandTimeout)
+	defer cancel()
+	// go-redis records the channel even when the write fails, and
+	// re-subscribes it on the next connection.
+	err := b.ps.Subscribe(cctx, channel)
+	if err == nil {
+		err = b.ps.Ping(cctx, token)
+	}
+	if err != nil { // Redis is unreachable: don't wait for a pong that won't come
+		b.mu.Lock()
+		b.releasePong(token)
+		b.mu.Unlock()
+	}
+	return ready
+}
+
+// releasePong closes a pending ping's channel once; b.mu must be held.
+func (b *bus) releasePong(token string) {
+	if ch, ok := b.pongs[token]; ok {
+		delete(b.pongs, token)
+		close(ch)
+	}
+}
+
+func (b *bus) unsubscribeIfUnused(channel string) {
+	b.psMu.Lock()
+	defer b.psMu.Unlock()
+	b.mu.Lock()
+	st := b.channels[channel]
+	unsub := false
+	if st != nil && len(st.subs) == 0 {
+		unsub = st.subscribed && !b.closed
+		delete(b.channels, channel)
+	}
+	b.mu.Unlock()
+	if unsub {
+		ctx, cancel := context.WithTimeout(context.Background(), pubsubCommandTimeout)
+		defer cancel()
+		_ = b.ps.Unsubscribe(ctx, channel) // forgotten by go-redis even if the write fails
+	}
+}
+
+// Publish implements chat.Bus: the event goes, as JSON, to each user's
+// channel in one pipeline. Nothing is stored: a node that misses it, misses it.
+func (r *Redis) Publish(ctx context.Context, uids []string, ev chat.StreamEvent) error {
+	if len(uids) == 0 {
+		return nil
+	}
+	if len(ev.Data) == 0 {
+		ev.Data = json.RawMessage("null")
+	}
+	payload, err := json.Marshal(ev)
+	if err != nil {
+		return fmt.Errorf("realtime: publish: %w", err)
+	}
+	pipe := r.rdb.Pipeline()
+	for _, uid := range uids {
+		pipe.Publish(ctx, r.userChannel(uid), payload)
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		return fmt.Errorf("realtime: publish: %w", err)
+	}
+	return nil
+}
+
+// receive is the node's one reader of the PubSub connection. After any
+// receive error it treats the connection as lost: when it next receives
+// anything (the re-subscription replies, or a pong), every local
+// subscription is woken, because whatever was published in between is gone
+// and the streams must re-read their logs.
+func (b *bus) receive(ctx context.Context) {
+	defer close(b.done)
+	lost := false
+	pingPending := false
+	backoff := pubsubMinBackoff
+	for {
+		msg, err := b.ps.ReceiveTimeout(ctx, b.health)
+		if ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				if pingPending {
+					b.replaceConnection(ctx)
+					lost, pingPending = true, false
+				} else {
+					pingPending = b.ping(ctx) == nil
+				}
+				continue
+			}
+			lost, pingPending = true, false
+			b.releasePongs()
+			t := time.NewTimer(backoff)
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+				return
+			}
+			backoff = min(2*backoff, pubsubMaxBackoff)
+			continue
+		}
+		backoff = pubsubMinBackoff
+		pingPending = false
+		if lost {
+			lost = false
+			b.wakeAll()
+		}
+		switch m := msg.(type) {
+		case *redis.Message:
+			b.dispatch(m)
+		case *redis.Pong:
+			b.mu.Lock()
+			b.releasePong(m.Payload)
+			b.mu.Unlock()
+		}
+	}
+}
+
+// ping sends a health-check PING on the PubSub connection.
+func (b *bus) ping(ctx context.Context) error {
+	b.psMu.Lock()
+	defer b.psMu.Unlock()
+	cctx, cancel := context.WithTimeout(ctx, pubsubCommandTimeout)
+	defer cancel()
+	return b.ps.Ping(cctx, "health")
+}
+
+// replaceConnection drops a PubSub connection that stopped answering and
+// opens a new one with the same channels.
+func (b *bus) replaceConnection(ctx context.Context) {
+	b.psMu.Lock()
+	if ctx.Err() != nil { // closing: close() will close b.ps
+		b.psMu.Unlock()
+		return
+	}
+	old := b.ps
+	b.mu.Lock()
+	var chans []string
+	for ch, st := range b.channels {
+		if st.subscribed {
+			chans = append(chans, ch)
+		}
+	}
+	b.mu.Unlock()
+	cctx, cancel := context.WithTimeout(ctx, pubsubCommandTimeout)
+	b.ps = b.r.rdb.Subscribe(cctx, chans...) // records chans even if Redis is unreachable
+	cancel()
+	b.psMu.Unlock()
+	_ = old.Close()
+	b.releasePongs()
+}
+
+// releasePongs lets every Subscribe waiting for an acknowledgement go: the
+// connection it was sent on is gone, and the wake-all after the reconnect
+// covers its channel.
+func (b *bus) releasePongs() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for token := range b.pongs {
+		b.releasePong(token)
+	}
+}
+
+// dispatch hands one message to the local subscriptions of its channel.
+func (b *bus) dispatch(m *redis.Message) {
+	var ev chat.StreamEvent
+	wake := m.Payload == ""
+	if !wake && json.Unmarshal([]byte(m.Payload), &ev) != nil {
+		wake = true // not ours to interpret; a wake-up is always safe
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	st := b.channels[m.Channel]
+	if st == nil {
+		return
+	}
+	for s := range st.subs {
+		if wake {
+			select {
+			case s.wake <- struct{}{}:
+			default: // a wake-up is pending already: they coalesce
+			}
+			continue
+		}
+		if s.eventsClosed {
+			continue
+		}
+		select {
+		case s.events <- ev:
+		default:
+			s.closeEvents(ErrSlowSubscriber)
+		}
+	}
+}
+
+func (b *bus) wakeAll() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, st := range b.channels {
+		for s := range st.subs {
+			select {
+			case s.wake <- struct{}{}:
+			default:
+			}
+		}
+	}
+}
+
+// close stops the receiver and ends every subscription.
+func (b *bus) close() {
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		return
+	}
+	b.closed = true
+	for _, st := range b.channels {
+		for s := range st.subs {
+			s.closeEvents(ErrClosed)
+		}
+	}
+	for token := range b.pongs {
+		b.releasePong(token)
+	}
+	b.mu.Unlock()
+	b.cancel()
+	b.psMu.Lock()
+	_ = b.ps.Close()
+	b.psMu.Unlock()
+	<-b.done
+}

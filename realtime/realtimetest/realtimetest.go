@@ -1,0 +1,864 @@
+// Package realtimetest is the conformance suite of chat.Realtime: every
+// implementation (Redis today, in-memory for the embedded mode later) must
+// pass Run. It uses nothing but the chat interfaces, so what it checks is the
+// contract the use cases rely on, not an implementation's internals.
+package realtimetest
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"imd/chat"
+	"imd/internal/testenv"
+)
+
+// Harness tells the suite how to make instances of the implementation.
+type Harness struct {
+	// New returns a fresh instance with its own empty backing store, cleaned
+	// up when t ends.
+	New func(t *testing.T) chat.Realtime
+	// NewPeer returns another instance sharing rt's backing store: "another
+	// node" of the same deployment, with its own subscriptions.
+	NewPeer func(t *testing.T, rt chat.Realtime) chat.Realtime
+	// LoseLogs makes rt's backing store lose everything it holds, as a Redis
+	// restarted without persistence would.
+	LoseLogs func(t *testing.T, rt chat.Realtime)
+	// LogCap is how many entries per user New's instances retain; at least
+	// 200 (the concurrency test reads 200 entries back). Keep it small: the
+	// trimming test appends LogCap+10.
+	LogCap int
+	// EventBuffer is the per-subscription event buffer of New's instances.
+	EventBuffer int
+}
+
+// wait bounds every wait for something asynchronous: generous, because a
+// loaded CI machine is slow, and only ever reached when a test fails.
+const wait = 5 * time.Second
+
+// Run runs the whole suite, each test in parallel with its own instance.
+func Run(t *testing.T, h Harness) {
+	require.NotNil(t, h.New, "Harness.New")
+	require.NotNil(t, h.NewPeer, "Harness.NewPeer")
+	require.NotNil(t, h.LoseLogs, "Harness.LoseLogs")
+	require.GreaterOrEqual(t, h.LogCap, 200, "Harness.LogCap")
+	require.Positive(t, h.EventBuffer, "Harness.EventBuffer")
+
+	tests := []struct {
+		name string
+		fn   func(*testing.T, Harness)
+	}{
+		{"EventLog/AppendReadResume", testAppendReadResume},
+		{"EventLog/DedupeByKey", testDedupeByKey},
+		{"EventLog/DedupeBySeq", testDedupeBySeq},
+		{"EventLog/ConversationOrder", testConversationOrder},
+		{"EventLog/SeveralUsersOneCall", testSeveralUsers},
+		{"EventLog/Baseline", testBaseline},
+		{"EventLog/Forget", testForget},
+		{"EventLog/Epoch", testEpoch},
+		{"EventLog/Trim", testTrim},
+		{"EventLog/Ahead", testAhead},
+		{"EventLog/ConcurrentAppenders", testConcurrentAppenders},
+		{"Bus/AppendWakes", testAppendWakes},
+		{"Bus/OtherNode", testOtherNode},
+		{"Bus/Close", testBusClose},
+		{"Bus/SlowSubscriber", testSlowSubscriber},
+		{"Presence/ConnectDisconnect", testPresence},
+		{"Presence/Expiry", testPresenceExpiry},
+		{"MemberCache", testMemberCache},
+		{"MemberCache/InvalidateBeforeFill", testMemberInvalidate},
+		{"SessionCache", testSessionCache},
+		{"SessionCache/Empty", testSessionEmpty},
+		{"RateLimiter", testRateLimiter},
+		{"Ping", testPing},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			tc.fn(t, h)
+		})
+	}
+}
+
+func ctxFor(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// keyed is a durable event without seq, deduped by key.
+func keyed(uid, key string, n int) chat.Delivery {
+	return chat.Delivery{UserID: uid, Entry: &chat.LogEntry{
+		Key: key, Type: chat.EventReceiptRead, ConversationID: "c-receipts",
+		Data: fmt.Appendf(nil, `{"n":%d,"text":"a b\nc"}`, n),
+	}}
+}
+
+// msg is message seq of conversation cid.
+func msg(uid, cid string, seq int64) chat.Delivery {
+	return chat.Delivery{UserID: uid, Entry: &chat.LogEntry{
+		Key: fmt.Sprintf("m-%s-%d", cid, seq), Type: chat.EventMessageCreated, ConversationID: cid, Seq: seq,
+		Data: fmt.Appendf(nil, `{"conversation_id":%q,"seq":%d}`, cid, seq),
+	}}
+}
+
+func appendOK(t *testing.T, rt chat.Realtime, ds ...chat.Delivery) {
+	t.Helper()
+	gaps, err := rt.Append(ctxFor(t), ds)
+	require.NoError(t, err)
+	require.Empty(t, gaps)
+}
+
+func readAll(t *testing.T, rt chat.Realtime, uid string, from chat.Position) []chat.StreamEvent {
+	t.Helper()
+	evs, _, err := rt.Read(ctxFor(t), uid, from, 100000)
+	require.NoError(t, err)
+	return evs
+}
+
+// seqsOf returns the seqs of message.created events of cid.
+func seqsOf(t *testing.T, evs []chat.StreamEvent, cid string) []int64 {
+	t.Helper()
+	var out []int64
+	for _, ev := range evs {
+		if ev.Type != chat.EventMessageCreated {
+			continue
+		}
+		var m struct {
+			ConversationID string `json:"conversation_id"`
+			Seq            int64  `json:"seq"`
+		}
+		require.NoError(t, json.Unmarshal(ev.Data, &m), "data %s", ev.Data)
+		if m.ConversationID == cid {
+			out = append(out, m.Seq)
+		}
+	}
+	return out
+}
+
+func offsetOf(t *testing.T, ev chat.StreamEvent) chat.Position {
+	t.Helper()
+	p, err := chat.ParsePosition(ev.ID)
+	require.NoError(t, err, "event id %q", ev.ID)
+	return p
+}
+
+func requireResync(t *testing.T, err error, reason string) {
+	t.Helper()
+	var re *chat.ResyncError
+	require.True(t, errors.As(err, &re), "want a *chat.ResyncError(%s), got %v", reason, err)
+	require.Equal(t, reason, re.Reason)
+}
+
+func testAppendReadResume(t *testing.T, h Harness) {
+	rt := h.New(t)
+	ctx := ctxFor(t)
+	start, err := rt.Head(ctx, "alice")
+	require.NoError(t, err)
+	require.Zero(t, start.Offset, "a new log is empty")
+	require.NotEmpty(t, start.Epoch)
+	require.NotContains(t, start.Epoch, "-", "epochs never contain the id separator")
+
+	appendOK(t, rt, keyed("alice", "o1", 1), msg("alice", "c1", 1), keyed("alice", "o2", 2))
+	appendOK(t, rt, msg("alice", "c1", 2), msg("alice", "c2", 1))
+
+	first, pos, err := rt.Read(ctx, "alice", start, 2)
+	require.NoError(t, err)
+	require.Len(t, first, 2)
+	require.Equal(t, offsetOf(t, first[1]), pos, "the position of the last event returned")
+	rest, pos2, err := rt.Read(ctx, "alice", pos, 100)
+	require.NoError(t, err)
+	require.Len(t, rest, 3)
+
+	all := append(first, rest...)
+	for i, ev := range all {
+		p := offsetOf(t, ev)
+		require.Equal(t, start.Epoch, p.Epoch)
+		require.Equal(t, start.Offset+int64(i)+1, p.Offset, "ids grow by one")
+	}
+	require.Equal(t, chat.EventReceiptRead, all[0].Type)
+	require.JSONEq(t, `{"n":1,"text":"a b\nc"}`, string(all[0].Data), "data comes back byte for byte")
+	require.Equal(t, []int64{1, 2}, seqsOf(t, all, "c1"))
+	require.Equal(t, []int64{1}, seqsOf(t, all, "c2"))
+
+	head, err := rt.Head(ctx, "alice")
+	require.NoError(t, err)
+	require.Equal(t, pos2, head)
+
+	none, same, err := rt.Read(ctx, "alice", head, 100)
+	require.NoError(t, err)
+	require.Empty(t, none)
+	require.Equal(t, head, same, "no events: the position stays")
+
+	// Resuming from the middle replays exactly what follows.
+	mid := offsetOf(t, all[2])
+	again, _, err := rt.Read(ctx, "alice", mid, 100)
+	require.NoError(t, err)
+	require.Equal(t, all[3:], again)
+
+	other, err := rt.Head(ctx, "bob")
+	require.NoError(t, err)
+	require.Zero(t, other.Offset, "logs are per user")
+}
+
+func testDedupeByKey(t *testing.T, h Harness) {
+	rt := h.New(t)
+	ctx := ctxFor(t)
+	appendOK(t, rt, keyed("alice", "o1", 1), keyed("alice", "o2", 2))
+	head, err := rt.Head(ctx, "alice")
+	require.NoError(t, err)
+	require.EqualValues(t, 2, head.Offset)
+
+	// A re-dispatch, alone or mixed with new events, and a duplicate within one call.
+	appendOK(t, rt, keyed("alice", "o2", 2))
+	appendOK(t, rt, keyed("alice", "o1", 1), keyed("alice", "o3", 3), keyed("alice", "o3", 3))
+
+	evs := readAll(t, rt, "alice", chat.Position{Epoch: head.Epoch})
+	require.Len(t, evs, 3)
+	require.JSONEq(t, `{"n":3,"text":"a b\nc"}`, string(evs[2].Data))
+	require.EqualValues(t, 3, offsetOf(t, evs[2]).Offset, "duplicates take no offset")
+}
+
+func testDedupeBySeq(t *testing.T, h Harness) {
+	rt := h.New(t)
+	appendOK(t, rt, msg("alice", "c1", 1), msg("alice", "c1", 2))
+	// Same seqs again, even under other keys: no-ops.
+	dup := msg("alice", "c1", 1)
+	dup.Entry.Key = "another-key"
+	appendOK(t, rt, dup, msg("alice", "c1", 2), msg("alice", "c1", 1))
+
+	head, err := rt.Head(ctxFor(t), "alice")
+	require.NoError(t, err)
+	require.EqualValues(t, 2, head.Offset)
+	evs := readAll(t, rt, "alice", chat.Position{Epoch: head.Epoch})
+	require.Equal(t, []int64{1, 2}, seqsOf(t, evs, "c1"))
+	require.EqualValues(t, 1, offsetOf(t, evs[0]).Offset, "the original offsets stay")
+	require.EqualValues(t, 2, offsetOf(t, evs[1]).Offset)
+}
+
+func testConversationOrder(t *testing.T, h Harness) {
+	rt := h.New(t)
+	ctx := ctxFor(t)
+	appendOK(t, rt, msg("alice", "c1", 1), msg("alice", "c1", 2), msg("alice", "c1", 3))
+
+	gaps, err := rt.Append(ctx, []chat.Delivery{msg("alice", "c1", 5)})
+	require.NoError(t, err)
+	require.Equal(t, []chat.Gap{{UserID: "alice", ConversationID: "c1", LastSeq: 3, Seq: 5}}, gaps)
+	head, err := rt.Head(ctx, "alice")
+	require.NoError(t, err)
+	require.EqualValues(t, 3, head.Offset, "a gap appends nothing")
+
+	// Another conversation is not held up by c1's gap, in the same call.
+	gaps, err = rt.Append(ctx, []chat.Delivery{msg("alice", "c1", 6), msg("alice", "c2", 1)})
+	require.NoError(t, err)
+	require.Equal(t, []chat.Gap{{UserID: "alice", ConversationID: "c1", LastSeq: 3, Seq: 6}}, gaps)
+
+	appendOK(t, rt, msg("alice", "c1", 4))
+	appendOK(t, rt, msg("alice", "c1", 5), msg("alice", "c1", 6)) // one call, in order
+	evs := readAll(t, rt, "alice", chat.Position{Epoch: head.Epoch})
+	require.Equal(t, []int64{1, 2, 3, 4, 5, 6}, seqsOf(t, evs, "c1"))
+	require.Equal(t, []int64{1}, seqsOf(t, evs, "c2"))
+}
+
+func testSeveralUsers(t *testing.T, h Harness) {
+	rt := h.New(t)
+	ctx := ctxFor(t)
+	appendOK(t, rt, msg("alice", "c1", 1), msg("bob", "c1", 1))
+	// bob lacks seq 2: only his delivery of seq 3 is held back.
+	appendOK(t, rt, msg("alice", "c1", 2))
+	gaps, err := rt.Append(ctx, []chat.Delivery{msg("alice", "c1", 3), msg("bob", "c1", 3), msg("carol", "c1", 3)})
+	require.NoError(t, err)
+	require.Equal(t, []chat.Gap{{UserID: "bob", ConversationID: "c1", LastSeq: 1, Seq: 3}}, gaps)
+
+	for uid, want := range map[string][]int64{"alice": {1, 2, 3}, "bob": {1}, "carol": {3}} {
+		head, err := rt.Head(ctx, uid)
+		require.NoError(t, err)
+		require.Equal(t, want, seqsOf(t, readAll(t, rt, uid, chat.Position{Epoch: head.Epoch}), "c1"), uid)
+	}
+}
+
+func testBaseline(t *testing.T, h Harness) {
+	rt := h.New(t)
+	ctx := ctxFor(t)
+	// alice is added to c1 at last_seq 10: she has not missed 1..10.
+	added := chat.Delivery{UserID: "alice", Entry: &chat.LogEntry{
+		Key: "o7", Type: chat.EventConversationCreated, ConversationID: "c1", Baseline: 10, Data: []byte(`{"id":"c1"}`),
+	}}
+	appendOK(t, rt, added)
+	appendOK(t, rt, msg("alice", "c1", 11))
+	appendOK(t, rt, msg("alice", "c1", 9)) // at or below the baseline: a duplicate
+
+	gaps, err := rt.Append(ctx, []chat.Delivery{msg("alice", "c1", 13)})
+	require.NoError(t, err)
+	require.Equal(t, []chat.Gap{{UserID: "alice", ConversationID: "c1", LastSeq: 11, Seq: 13}}, gaps)
+
+	// A baseline never moves the conversation back.
+	lower := chat.Delivery{UserID: "alice", Entry: &chat.LogEntry{
+		Key: "o8", Type: chat.EventConversationUpdated, ConversationID: "c1", Baseline: 5, Data: []byte(`{"id":"c1"}`),
+	}}
+	appendOK(t, rt, lower)
+	appendOK(t, rt, msg("alice", "c1", 12))
+
+	head, err := rt.Head(ctx, "alice")
+	require.NoError(t, err)
+	evs := readAll(t, rt, "alice", chat.Position{Epoch: head.Epoch})
+	require.Len(t, evs, 4, "the baseline entries themselves are appended")
+	require.Equal(t, chat.EventConversationCreated, evs[0].Type)
+	require.Equal(t, []int64{11, 12}, seqsOf(t, evs, "c1"))
+}
+
+func testForget(t *testing.T, h Harness) {
+	rt := h.New(t)
+	appendOK(t, rt, msg("alice", "c1", 1), msg("alice", "c1", 2))
+	removed := chat.Delivery{UserID: "alice", Entry: &chat.LogEntry{
+		Key: "o9", Type: chat.EventMemberRemoved, ConversationID: "c1", Forget: true, Data: []byte(`{"user_id":"alice"}`),
+	}}
+	appendOK(t, rt, removed)
+	// Re-joined much later: the conversation starts fresh in her log, no gap.
+	appendOK(t, rt, msg("alice", "c1", 40))
+	// A re-dispatch of the old removal is a duplicate and must not forget again.
+	appendOK(t, rt, removed)
+	appendOK(t, rt, msg("alice", "c1", 40))
+
+	head, err := rt.Head(ctxFor(t), "alice")
+	require.NoError(t, err)
+	evs := readAll(t, rt, "alice", chat.Position{Epoch: head.Epoch})
+	require.Len(t, evs, 4)
+	require.Equal(t, []int64{1, 2, 40}, seqsOf(t, evs, "c1"))
+}
+
+func testEpoch(t *testing.T, h Harness) {
+	rt := h.New(t)
+	ctx := ctxFor(t)
+
+	_, _, err := rt.Read(ctx, "alice", chat.Position{Epoch: "nosuchepoch", Offset: 0}, 10)
+	requireResync(t, err, chat.ResyncEpoch)
+
+	p1, err := rt.Head(ctx, "alice")
+	require.NoError(t, err)
+	p2, err := rt.Head(ctx, "alice")
+	require.NoError(t, err)
+	require.Equal(t, p1, p2, "Head creates the epoch once")
+
+	_, _, err = rt.Read(ctx, "alice", chat.Position{Epoch: p1.Epoch + "x"}, 10)
+	requireResync(t, err, chat.ResyncEpoch)
+
+	appendOK(t, rt, keyed("alice", "o1", 1), keyed("alice", "o2", 2))
+	evs := readAll(t, rt, "alice", p1)
+	require.Len(t, evs, 2, "appends keep the epoch Head created")
+	last := offsetOf(t, evs[1])
+
+	h.LoseLogs(t, rt)
+	_, _, err = rt.Read(ctx, "alice", last, 10)
+	requireResync(t, err, chat.ResyncEpoch)
+
+	// The next append starts a new log under a new epoch.
+	appendOK(t, rt, keyed("alice", "o3", 3))
+	p3, err := rt.Head(ctx, "alice")
+	require.NoError(t, err)
+	require.NotEqual(t, p1.Epoch, p3.Epoch)
+	require.EqualValues(t, 1, p3.Offset)
+	_, _, err = rt.Read(ctx, "alice", last, 10)
+	requireResync(t, err, chat.ResyncEpoch)
+
+	// And Head alone also starts one after a loss.
+	h.LoseLogs(t, rt)
+	p4, err := rt.Head(ctx, "alice")
+	require.NoError(t, err)
+	require.NotEqual(t, p3.Epoch, p4.Epoch)
+	require.Zero(t, p4.Offset)
+}
+
+func testTrim(t *testing.T, h Harness) {
+	rt := h.New(t)
+	ctx := ctxFor(t)
+	n := h.LogCap + 10
+	ds := make([]chat.Delivery, n)
+	for i := range ds {
+		ds[i] = keyed("alice", fmt.Sprintf("o%d", i+1), i+1)
+	}
+	appendOK(t, rt, ds...)
+	head, err := rt.Head(ctx, "alice")
+	require.NoError(t, err)
+	require.EqualValues(t, n, head.Offset)
+
+	_, _, err = rt.Read(ctx, "alice", chat.Position{Epoch: head.Epoch, Offset: 1}, 10)
+	requireResync(t, err, chat.ResyncExpired)
+	_, _, err = rt.Read(ctx, "alice", chat.Position{Epoch: head.Epoch, Offset: 9}, 10)
+	requireResync(t, err, chat.ResyncExpired)
+
+	// Offsets 11..n are retained: reading from 10 (just before the oldest) works.
+	evs, _, err := rt.Read(ctx, "alice", chat.Position{Epoch: head.Epoch, Offset: 10}, 5)
+	require.NoError(t, err)
+	require.Len(t, evs, 5)
+	require.EqualValues(t, 11, offsetOf(t, evs[0]).Offset)
+	all := readAll(t, rt, "alice", chat.Position{Epoch: head.Epoch, Offset: 10})
+	require.Len(t, all, h.LogCap)
+
+	last, _, err := rt.Read(ctx, "alice", chat.Position{Epoch: head.Epoch, Offset: int64(n - 1)}, 5)
+	require.NoError(t, err)
+	require.Len(t, last, 1)
+	require.Equal(t, head, offsetOf(t, last[0]))
+}
+
+func testAhead(t *testing.T, h Harness) {
+	rt := h.New(t)
+	ctx := ctxFor(t)
+	appendOK(t, rt, keyed("alice", "o1", 1))
+	head, err := rt.Head(ctx, "alice")
+	require.NoError(t, err)
+	_, _, err = rt.Read(ctx, "alice", chat.Position{Epoch: head.Epoch, Offset: head.Offset + 1}, 10)
+	requireResync(t, err, chat.ResyncAhead)
+}
+
+func testConcurrentAppenders(t *testing.T, h Harness) {
+	rt := h.New(t)
+	peer := h.NewPeer(t, rt)
+	ctx := ctxFor(t)
+	const n = 200
+	var wg sync.WaitGroup
+	errs := make(chan error, 2*n)
+	for _, node := range []chat.Realtime{rt, peer} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for seq := int64(1); seq <= n; seq++ {
+				gaps, err := node.Append(ctx, []chat.Delivery{msg("alice", "c1", seq)})
+				if err == nil && len(gaps) > 0 {
+					err = fmt.Errorf("seq %d: unexpected gaps %v", seq, gaps)
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		require.NoError(t, err)
+	}
+	head, err := rt.Head(ctx, "alice")
+	require.NoError(t, err)
+	evs := readAll(t, rt, "alice", chat.Position{Epoch: head.Epoch})
+	want := make([]int64, n)
+	for i := range want {
+		want[i] = int64(i + 1)
+	}
+	require.Equal(t, want, seqsOf(t, evs, "c1"), "each seq exactly once, in order")
+}
+
+func recvWake(t *testing.T, s chat.Subscription, what string) {
+	t.Helper()
+	select {
+	case <-s.Wake():
+	case <-time.After(wait):
+		t.Fatalf("no wake-up within %v: %s", wait, what)
+	}
+}
+
+func recvEvent(t *testing.T, s chat.Subscription, what string) chat.StreamEvent {
+	t.Helper()
+	select {
+	case ev, ok := <-s.Events():
+		require.True(t, ok, "Events closed: %s", what)
+		return ev
+	case <-time.After(wait):
+		t.Fatalf("no event within %v: %s", wait, what)
+		return chat.StreamEvent{}
+	}
+}
+
+func drainWake(s chat.Subscription) {
+	select {
+	case <-s.Wake():
+	default:
+	}
+}
+
+func subscribe(t *testing.T, rt chat.Realtime, uid string) chat.Subscription {
+	t.Helper()
+	s, err := rt.Subscribe(ctxFor(t), uid)
+	require.NoError(t, err)
+	t.Cleanup(s.Close)
+	return s
+}
+
+func typing(uid string) chat.StreamEvent {
+	return chat.StreamEvent{Type: chat.EventTyping, Data: json.RawMessage(
+		fmt.Sprintf(`{"conversation_id":"c1","user_id":%q,"expires_in_ms":5000}`, uid))}
+}
+
+func testAppendWakes(t *testing.T, h Harness) {
+	rt := h.New(t)
+	peer := h.NewPeer(t, rt)
+	here := subscribe(t, rt, "alice")
+	there := subscribe(t, peer, "alice")
+	drainWake(here)
+	drainWake(there)
+	appendOK(t, rt, keyed("alice", "o1", 1))
+	recvWake(t, here, "append on this node")
+	recvWake(t, there, "append on another node")
+
+	// Wake-ups coalesce: many appends, at least one wake-up, and the log has all.
+	for i := 2; i <= 20; i++ {
+		appendOK(t, peer, keyed("alice", fmt.Sprintf("o%d", i), i))
+	}
+	recvWake(t, here, "appends on the other node")
+	head, err := rt.Head(ctxFor(t), "alice")
+	require.NoError(t, err)
+	require.EqualValues(t, 20, head.Offset)
+}
+
+func testOtherNode(t *testing.T, h Harness) {
+	rt := h.New(t)
+	peer := h.NewPeer(t, rt)
+	there := subscribe(t, peer, "bob")
+	here := subscribe(t, rt, "bob")
+	require.NoError(t, rt.Publish(ctxFor(t), []string{"bob", "nobody"}, typing("alice")))
+	for _, s := range []chat.Subscription{there, here} {
+		ev := recvEvent(t, s, "ephemeral event")
+		require.Empty(t, ev.ID, "ephemeral events carry no id")
+		require.Equal(t, chat.EventTyping, ev.Type)
+		require.JSONEq(t, string(typing("alice").Data), string(ev.Data))
+	}
+	// Ephemeral events are not in the log.
+	head, err := rt.Head(ctxFor(t), "bob")
+	require.NoError(t, err)
+	require.Zero(t, head.Offset)
+}
+
+func testBusClose(t *testing.T, h Harness) {
+	rt := h.New(t)
+	closed := subscribe(t, rt, "alice")
+	open := subscribe(t, rt, "alice")
+	closed.Close()
+	closed.Close() // idempotent
+	drainWake(closed)
+	drainWake(open)
+
+	require.NoError(t, rt.Publish(ctxFor(t), []string{"alice"}, typing("bob")))
+	recvEvent(t, open, "the other subscription still receives")
+	appendOK(t, rt, keyed("alice", "o1", 1))
+	recvWake(t, open, "the other subscription is still woken")
+
+	select {
+	case ev, ok := <-closed.Events():
+		require.False(t, ok, "a closed subscription got %v", ev)
+	default:
+	}
+	select {
+	case <-closed.Wake():
+		t.Fatal("a closed subscription was woken")
+	default:
+	}
+
+	// Subscribing again after the last one closed works.
+	open.Close()
+	again := subscribe(t, rt, "alice")
+	drainWake(again)
+	appendOK(t, rt, keyed("alice", "o2", 2))
+	recvWake(t, again, "a new subscription after all closed")
+}
+
+func testSlowSubscriber(t *testing.T, h Harness) {
+	rt := h.New(t)
+	slow := subscribe(t, rt, "alice")
+	fast := subscribe(t, rt, "alice")
+	// Each event reaches every subscription before the next one does: once
+	// fast has seen EventBuffer+1 events, slow has overflowed.
+	for i := 0; i <= h.EventBuffer; i++ {
+		ev := chat.StreamEvent{Type: chat.EventPresence, Data: json.RawMessage(fmt.Sprintf(`{"n":%d}`, i))}
+		require.NoError(t, rt.Publish(ctxFor(t), []string{"alice"}, ev))
+		got := recvEvent(t, fast, "a subscriber that keeps up")
+		require.JSONEq(t, string(ev.Data), string(got.Data), "in order")
+	}
+	n := 0
+	deadline := time.After(wait)
+	for {
+		select {
+		case _, ok := <-slow.Events():
+			if !ok {
+				require.LessOrEqual(t, n, h.EventBuffer)
+				// A slow subscriber does not hold up the others.
+				require.NoError(t, rt.Publish(ctxFor(t), []string{"alice"}, typing("bob")))
+				recvEvent(t, fast, "after the slow one was dropped")
+				return
+			}
+			n++
+		case <-deadline:
+			t.Fatalf("the Events of a subscriber %d events behind were not closed", h.EventBuffer+1)
+		}
+	}
+}
+
+func testPresence(t *testing.T, h Harness) {
+	rt := h.New(t)
+	ctx := ctxFor(t)
+	before := time.Now()
+
+	first, err := rt.Connect(ctx, "alice", "conn1", time.Minute)
+	require.NoError(t, err)
+	require.True(t, first)
+	first, err = rt.Connect(ctx, "alice", "conn2", time.Minute)
+	require.NoError(t, err)
+	require.False(t, first)
+	require.NoError(t, rt.Refresh(ctx, "alice", "conn1", time.Minute))
+
+	info, err := rt.Lookup(ctx, []string{"alice", "nobody"})
+	require.NoError(t, err)
+	require.Equal(t, []chat.PresenceInfo{{UserID: "alice", Online: true}, {UserID: "nobody"}}, info)
+
+	last, err := rt.Disconnect(ctx, "alice", "conn1")
+	require.NoError(t, err)
+	require.False(t, last)
+	last, err = rt.Disconnect(ctx, "alice", "conn2")
+	require.NoError(t, err)
+	require.True(t, last)
+	after := time.Now()
+
+	info, err = rt.Lookup(ctx, []string{"alice"})
+	require.NoError(t, err)
+	require.Len(t, info, 1)
+	require.False(t, info[0].Online)
+	require.NotNil(t, info[0].LastSeenAt)
+	seen := *info[0].LastSeenAt
+	require.False(t, seen.Before(before.Add(-2*time.Second)) || seen.After(after.Add(2*time.Second)),
+		"last seen %v, want between %v and %v", seen, before, after)
+
+	first, err = rt.Connect(ctx, "alice", "conn3", time.Minute)
+	require.NoError(t, err)
+	require.True(t, first, "back online")
+	info, err = rt.Lookup(ctx, []string{"alice"})
+	require.NoError(t, err)
+	require.True(t, info[0].Online)
+	require.Nil(t, info[0].LastSeenAt, "online users have no last-seen time")
+}
+
+func testPresenceExpiry(t *testing.T, h Harness) {
+	rt := h.New(t)
+	ctx := ctxFor(t)
+	const short = 300 * time.Millisecond
+	// alice's stream is refreshed to a long ttl, carol's never is.
+	_, err := rt.Connect(ctx, "alice", "a1", short)
+	require.NoError(t, err)
+	require.NoError(t, rt.Refresh(ctx, "alice", "a1", time.Hour))
+	first, err := rt.Connect(ctx, "carol", "c1", short)
+	require.NoError(t, err)
+	require.True(t, first)
+
+	testenv.Eventually(t, wait, func() bool {
+		info, err := rt.Lookup(ctx, []string{"carol"})
+		require.NoError(t, err)
+		return !info[0].Online
+	}, "a stream that is never refreshed expires")
+
+	info, err := rt.Lookup(ctx, []string{"alice", "carol"})
+	require.NoError(t, err)
+	require.True(t, info[0].Online, "a refreshed stream outlives its first ttl")
+	require.False(t, info[1].Online)
+
+	first, err = rt.Connect(ctx, "carol", "c2", time.Minute)
+	require.NoError(t, err)
+	require.True(t, first, "an expired stream does not count")
+}
+
+func testMemberCache(t *testing.T, h Harness) {
+	rt := h.New(t)
+	ctx := ctxFor(t)
+	_, ok, ver, err := rt.CachedMembers(ctx, "g1")
+	require.NoError(t, err)
+	require.False(t, ok)
+	_, ok, ver2, err := rt.IsMember(ctx, "g1", "alice")
+	require.NoError(t, err)
+	require.False(t, ok)
+	require.Equal(t, ver, ver2)
+
+	require.NoError(t, rt.FillMembers(ctx, "g1", ver, []string{"alice", "bob", "carol"}))
+	members, ok, _, err := rt.CachedMembers(ctx, "g1")
+	require.NoError(t, err)
+	require.True(t, ok)
+	slices.Sort(members)
+	require.Equal(t, []string{"alice", "bob", "carol"}, members)
+
+	member, ok, _, err := rt.IsMember(ctx, "g1", "bob")
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.True(t, member)
+	member, ok, _, err = rt.IsMember(ctx, "g1", "mallory")
+	require.NoError(t, err)
+	require.True(t, ok, "a cached set answers non-members too")
+	require.False(t, member)
+
+	// Invalidation drops the set; other conversations are unaffected.
+	_, ok, _, err = rt.CachedMembers(ctx, "g2")
+	require.NoError(t, err)
+	require.False(t, ok)
+	require.NoError(t, rt.InvalidateMembers(ctx, "g1"))
+	_, ok, ver3, err := rt.CachedMembers(ctx, "g1")
+	require.NoError(t, err)
+	require.False(t, ok)
+	require.NotEqual(t, ver, ver3)
+
+	// An empty member list is not a cached answer.
+	require.NoError(t, rt.FillMembers(ctx, "g1", ver3, nil))
+	_, ok, _, err = rt.CachedMembers(ctx, "g1")
+	require.NoError(t, err)
+	require.False(t, ok)
+}
+
+func testMemberInvalidate(t *testing.T, h Harness) {
+	rt := h.New(t)
+	ctx := ctxFor(t)
+	_, ok, stale, err := rt.CachedMembers(ctx, "g1")
+	require.NoError(t, err)
+	require.False(t, ok)
+	// Between the miss and the fill, membership changes.
+	require.NoError(t, rt.InvalidateMembers(ctx, "g1"))
+	require.NoError(t, rt.FillMembers(ctx, "g1", stale, []string{"alice", "removed-user"}))
+	_, ok, fresh, err := rt.CachedMembers(ctx, "g1")
+	require.NoError(t, err)
+	require.False(t, ok, "a fill with a version older than an invalidation is dropped")
+
+	require.NoError(t, rt.FillMembers(ctx, "g1", fresh, []string{"alice"}))
+	members, ok, _, err := rt.CachedMembers(ctx, "g1")
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.Equal(t, []string{"alice"}, members)
+}
+
+func ids(items []chat.Activity) []string {
+	out := make([]string, len(items))
+	for i, it := range items {
+		out[i] = it.ConversationID
+	}
+	return out
+}
+
+func testSessionCache(t *testing.T, h Harness) {
+	rt := h.New(t)
+	ctx := ctxFor(t)
+	_, ok, err := rt.SessionPage(ctx, "alice", nil, 10)
+	require.NoError(t, err)
+	require.False(t, ok)
+
+	t0 := time.Date(2026, 1, 2, 3, 4, 5, 6_000_000, time.UTC)
+	items := []chat.Activity{
+		{ConversationID: "c1", At: t0},
+		{ConversationID: "c2", At: t0.Add(time.Second)},
+		{ConversationID: "c3", At: t0.Add(time.Second)}, // tie with c2: id descending
+		{ConversationID: "c4", At: t0.Add(time.Second)},
+		{ConversationID: "c5", At: t0.Add(3 * time.Second)},
+	}
+	require.NoError(t, rt.FillSessions(ctx, "alice", items))
+
+	p1, ok, err := rt.SessionPage(ctx, "alice", nil, 2)
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.Equal(t, []string{"c5", "c4"}, ids(p1))
+	require.True(t, p1[0].At.Equal(t0.Add(3*time.Second)), "times round-trip at ms precision: %v", p1[0].At)
+	p2, _, err := rt.SessionPage(ctx, "alice", &p1[1], 2)
+	require.NoError(t, err)
+	require.Equal(t, []string{"c3", "c2"}, ids(p2), "strictly after the cursor, ties included")
+	p3, _, err := rt.SessionPage(ctx, "alice", &p2[1], 2)
+	require.NoError(t, err)
+	require.Equal(t, []string{"c1"}, ids(p3))
+	p4, ok, err := rt.SessionPage(ctx, "alice", &p3[0], 2)
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.Empty(t, p4)
+
+	// Touch moves a conversation to the top of the lists that are cached,
+	// never back in time, and adds conversations new to the list.
+	require.NoError(t, rt.TouchSessions(ctx, []string{"alice", "bob"}, "c1", t0.Add(time.Hour)))
+	require.NoError(t, rt.TouchSessions(ctx, []string{"alice"}, "c1", t0.Add(-time.Hour)))
+	require.NoError(t, rt.TouchSessions(ctx, []string{"alice"}, "c9", t0.Add(2*time.Second)))
+	all, _, err := rt.SessionPage(ctx, "alice", nil, 100)
+	require.NoError(t, err)
+	require.Equal(t, []string{"c1", "c5", "c9", "c4", "c3", "c2"}, ids(all))
+	require.True(t, all[0].At.Equal(t0.Add(time.Hour)))
+	_, ok, err = rt.SessionPage(ctx, "bob", nil, 10)
+	require.NoError(t, err)
+	require.False(t, ok, "touch does not create a list that was not cached")
+
+	require.NoError(t, rt.RemoveSession(ctx, "alice", "c5"))
+	all, _, err = rt.SessionPage(ctx, "alice", nil, 100)
+	require.NoError(t, err)
+	require.Equal(t, []string{"c1", "c9", "c4", "c3", "c2"}, ids(all))
+
+	// Fill replaces the whole list.
+	require.NoError(t, rt.FillSessions(ctx, "alice", items[:1]))
+	all, _, err = rt.SessionPage(ctx, "alice", nil, 100)
+	require.NoError(t, err)
+	require.Equal(t, []string{"c1"}, ids(all))
+}
+
+func testSessionEmpty(t *testing.T, h Harness) {
+	rt := h.New(t)
+	ctx := ctxFor(t)
+	require.NoError(t, rt.FillSessions(ctx, "alice", nil))
+	items, ok, err := rt.SessionPage(ctx, "alice", nil, 10)
+	require.NoError(t, err)
+	require.True(t, ok, "an empty list is cached too")
+	require.Empty(t, items)
+
+	require.NoError(t, rt.TouchSessions(ctx, []string{"alice"}, "c1", time.Now()))
+	items, ok, err = rt.SessionPage(ctx, "alice", nil, 10)
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.Equal(t, []string{"c1"}, ids(items))
+	require.NoError(t, rt.RemoveSession(ctx, "alice", "c1"))
+	items, ok, err = rt.SessionPage(ctx, "alice", nil, 10)
+	require.NoError(t, err)
+	require.True(t, ok, "removing the last conversation leaves an empty cached list")
+	require.Empty(t, items)
+}
+
+func testRateLimiter(t *testing.T, h Harness) {
+	rt := h.New(t)
+	ctx := ctxFor(t)
+	l := chat.Limit{Rate: 1, Period: time.Hour, Burst: 3}
+	for i := 0; i < 5; i++ {
+		ok, _, err := rt.Allow(ctx, "send:alice", l, 0)
+		require.NoError(t, err)
+		require.True(t, ok, "check %d: n=0 takes nothing", i)
+	}
+	for i := 0; i < 3; i++ {
+		ok, _, err := rt.Allow(ctx, "send:alice", l, 1)
+		require.NoError(t, err)
+		require.True(t, ok, "burst %d", i)
+	}
+	ok, retry, err := rt.Allow(ctx, "send:alice", l, 1)
+	require.NoError(t, err)
+	require.False(t, ok, "burst exhausted")
+	require.Positive(t, retry)
+	require.LessOrEqual(t, retry, time.Hour)
+
+	ok, retry, err = rt.Allow(ctx, "send:alice", l, 0)
+	require.NoError(t, err)
+	require.False(t, ok, "a check sees the exhausted bucket")
+	require.Positive(t, retry)
+
+	ok, _, err = rt.Allow(ctx, "send:bob", l, 2)
+	require.NoError(t, err)
+	require.True(t, ok, "keys are independent")
+	ok, retry, err = rt.Allow(ctx, "send:bob", l, 2)
+	require.NoError(t, err)
+	require.False(t, ok, "2 more do not fit in a burst of 3 with 1 left")
+	require.Greater(t, retry, 30*time.Minute, "n tokens take longer than one")
+	ok, _, err = rt.Allow(ctx, "send:bob", l, 1)
+	require.NoError(t, err)
+	require.True(t, ok, "a denied request takes nothing")
+}
+
+func testPing(t *testing.T, h Harness) {
+	require.NoError(t, h.New(t).Ping(ctxFor(t)))
+}

@@ -1,0 +1,493 @@
+package realtime_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/stretchr/testify/require"
+
+	"imd/chat"
+	"imd/internal/testenv"
+	"imd/realtime"
+	"imd/realtime/realtimetest"
+)
+
+// Small so that the trimming and slow-subscriber tests are quick.
+const (
+	testLogCap      = 300
+	testEventBuffer = 8
+)
+
+// prefixes remembers the key prefix of each instance, for NewPeer and LoseLogs.
+var prefixes sync.Map // chat.Realtime → string
+
+func openRedis(t testing.TB, url, prefix string) *realtime.Redis {
+	t.Helper()
+	rt, err := realtime.Open(context.Background(), url, realtime.Config{
+		Prefix: prefix, LogCap: testLogCap, EventBuffer: testEventBuffer,
+	})
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, rt.Close()) })
+	prefixes.Store(chat.Realtime(rt), prefix)
+	return rt
+}
+
+func adminClient(t testing.TB) *redis.Client {
+	t.Helper()
+	opts, err := redis.ParseURL(testenv.RedisURL(t))
+	require.NoError(t, err)
+	c := redis.NewClient(opts)
+	t.Cleanup(func() { _ = c.Close() })
+	return c
+}
+
+// deleteKeys deletes every key starting with prefix.
+func deleteKeys(t testing.TB, c *redis.Client, prefix string) {
+	t.Helper()
+	ctx := context.Background()
+	iter := c.Scan(ctx, 0, prefix+"*", 500).Iterator()
+	for iter.Next(ctx) {
+		require.NoError(t, c.Unlink(ctx, iter.Val()).Err())
+	}
+	require.NoError(t, iter.Err())
+}
+
+func prefixOf(t *testing.T, rt chat.Realtime) string {
+	p, ok := prefixes.Load(rt)
+	require.True(t, ok, "not an instance of this harness")
+	return p.(string)
+}
+
+func TestConformance(t *testing.T) {
+	realtimetest.Run(t, realtimetest.Harness{
+		New: func(t *testing.T) chat.Realtime {
+			return openRedis(t, testenv.RedisURL(t), testenv.KeyPrefix(t))
+		},
+		NewPeer: func(t *testing.T, rt chat.Realtime) chat.Realtime {
+			return openRedis(t, testenv.RedisURL(t), prefixOf(t, rt))
+		},
+		LoseLogs: func(t *testing.T, rt chat.Realtime) {
+			deleteKeys(t, adminClient(t), prefixOf(t, rt))
+		},
+		LogCap:      testLogCap,
+		EventBuffer: testEventBuffer,
+	})
+}
+
+func recvWake(t *testing.T, s chat.Subscription, timeout time.Duration, what string) {
+	t.Helper()
+	select {
+	case <-s.Wake():
+	case <-time.After(timeout):
+		t.Fatalf("no wake-up within %v: %s", timeout, what)
+	}
+}
+
+func drainWake(s chat.Subscription) {
+	select {
+	case <-s.Wake():
+	default:
+	}
+}
+
+func delivery(uid, key string) chat.Delivery {
+	return chat.Delivery{UserID: uid, Entry: &chat.LogEntry{Key: key, Type: chat.EventReceiptRead, Data: []byte(`{}`)}}
+}
+
+// Pub/Sub is at-most-once: whatever was published while the node's
+// subscriber connection was down is lost, so after reconnecting every local
+// stream must be woken to re-read its log (DESIGN.md §7).
+func TestPubSubDropWakesEverySubscription(t *testing.T) {
+	t.Parallel()
+	prefix := testenv.KeyPrefix(t)
+	opts, err := redis.ParseURL(testenv.RedisURL(t))
+	require.NoError(t, err)
+	name := "imdtest-" + strings.TrimSuffix(prefix, ":") // to find our connection, and only ours
+	opts.ClientName = name
+	rdb := redis.NewClient(opts)
+	t.Cleanup(func() { _ = rdb.Close() })
+	rt := realtime.New(rdb, realtime.Config{Prefix: prefix})
+	t.Cleanup(func() { _ = rt.Close() })
+
+	ctx := context.Background()
+	var subs []chat.Subscription
+	for _, uid := range []string{"alice", "alice", "bob", "carol"} {
+		s, err := rt.Subscribe(ctx, uid)
+		require.NoError(t, err)
+		t.Cleanup(s.Close)
+		drainWake(s)
+		subs = append(subs, s)
+	}
+
+	admin := adminClient(t)
+	pubsubConn := func() string {
+		list, err := admin.Do(ctx, "CLIENT", "LIST", "TYPE", "pubsub").Text()
+		require.NoError(t, err)
+		var ids []string
+		for _, line := range strings.Split(list, "\n") {
+			fields := strings.Fields(line)
+			if slices.Contains(fields, "name="+name) {
+				for _, f := range fields {
+					if id, ok := strings.CutPrefix(f, "id="); ok {
+						ids = append(ids, id)
+					}
+				}
+			}
+		}
+		require.LessOrEqual(t, len(ids), 1, "one Pub/Sub connection per node: %v", ids)
+		if len(ids) == 0 {
+			return ""
+		}
+		return ids[0]
+	}
+	id := pubsubConn()
+	require.NotEmpty(t, id, "the node's Pub/Sub connection")
+	require.NoError(t, admin.Do(ctx, "CLIENT", "KILL", "ID", id).Err())
+
+	for i, s := range subs {
+		recvWake(t, s, 10*time.Second, fmt.Sprintf("subscription %d after its Pub/Sub connection was killed", i))
+	}
+	testenv.Eventually(t, 5*time.Second, func() bool { id2 := pubsubConn(); return id2 != "" && id2 != id },
+		"a new Pub/Sub connection")
+
+	// And the channels are subscribed again.
+	_, err = rt.Append(ctx, []chat.Delivery{delivery("bob", "o1")})
+	require.NoError(t, err)
+	recvWake(t, subs[2], 5*time.Second, "an append after the reconnect")
+}
+
+// The node subscribes to a user's channel for the first local stream and
+// unsubscribes with the last one, so Redis does not route a departed user's
+// traffic to it.
+func TestChannelFollowsLocalSubscriptions(t *testing.T) {
+	t.Parallel()
+	prefix := testenv.KeyPrefix(t)
+	rt := openRedis(t, testenv.RedisURL(t), prefix)
+	admin := adminClient(t)
+	ctx := context.Background()
+	channel := prefix + "user:{alice}"
+	numsub := func() int64 {
+		m, err := admin.PubSubNumSub(ctx, channel).Result()
+		require.NoError(t, err)
+		return m[channel]
+	}
+
+	require.Zero(t, numsub())
+	a, err := rt.Subscribe(ctx, "alice")
+	require.NoError(t, err)
+	require.EqualValues(t, 1, numsub(), "subscribed once Subscribe returns")
+	b, err := rt.Subscribe(ctx, "alice")
+	require.NoError(t, err)
+	require.EqualValues(t, 1, numsub(), "one Redis subscription per node, not per stream")
+	a.Close()
+	require.EqualValues(t, 1, numsub())
+	b.Close()
+	testenv.Eventually(t, 5*time.Second, func() bool { return numsub() == 0 }, "unsubscribed after the last Close")
+}
+
+// With Redis unreachable, calls fail fast instead of stalling the send path
+// (G6), and Subscribe still hands out a subscription.
+func TestRedisUnreachable(t *testing.T) {
+	t.Parallel()
+	rt, err := realtime.Open(context.Background(), "redis://127.0.0.1:1/0", realtime.Config{Prefix: "unreachable:"})
+	require.NoError(t, err, "Open does not need Redis")
+	t.Cleanup(func() { _ = rt.Close() })
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	notDeadline := func(err error) {
+		t.Helper()
+		require.Error(t, err)
+		require.False(t, errors.Is(err, context.DeadlineExceeded), "failed only at the deadline: %v", err)
+		var re *chat.ResyncError
+		require.False(t, errors.As(err, &re), "an outage is not a resync")
+	}
+	_, err = rt.Append(ctx, []chat.Delivery{delivery("alice", "o1")})
+	notDeadline(err)
+	_, _, err = rt.Read(ctx, "alice", chat.Position{Epoch: "e", Offset: 1}, 10)
+	notDeadline(err)
+	_, err = rt.Head(ctx, "alice")
+	notDeadline(err)
+	notDeadline(rt.Ping(ctx))
+	notDeadline(rt.Publish(ctx, []string{"alice"}, chat.StreamEvent{Type: chat.EventTyping, Data: []byte(`{}`)}))
+
+	s, err := rt.Subscribe(ctx, "alice")
+	require.NoError(t, err)
+	require.NotNil(t, s)
+	require.NoError(t, ctx.Err(), "Subscribe returned before the deadline")
+	s.Close()
+}
+
+// proxy is a TCP proxy to Redis that the test can take down and bring back,
+// or freeze, to simulate outages without touching the shared Redis.
+type proxy struct {
+	t        *testing.T
+	addr     string
+	upstream string
+	mu       sync.Mutex
+	ln       net.Listener
+	conns    map[net.Conn]*atomic.Bool // → frozen: bytes are swallowed
+}
+
+func newProxy(t *testing.T, upstream string) *proxy {
+	p := &proxy{t: t, upstream: upstream, conns: map[net.Conn]*atomic.Bool{}}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	p.addr = ln.Addr().String()
+	p.serve(ln)
+	t.Cleanup(p.down)
+	return p
+}
+
+// url is the Redis URL of opts with the proxy's address.
+func (p *proxy) url(opts *redis.Options) string {
+	u := fmt.Sprintf("redis://%s/%d", p.addr, opts.DB)
+	if opts.Password != "" {
+		u = fmt.Sprintf("redis://%s:%s@%s/%d", opts.Username, opts.Password, p.addr, opts.DB)
+	}
+	return u
+}
+
+func (p *proxy) serve(ln net.Listener) {
+	p.mu.Lock()
+	p.ln = ln
+	p.mu.Unlock()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			u, err := net.Dial("tcp", p.upstream)
+			if err != nil {
+				_ = c.Close()
+				continue
+			}
+			frozen := new(atomic.Bool)
+			p.mu.Lock()
+			p.conns[c], p.conns[u] = frozen, frozen
+			p.mu.Unlock()
+			go pump(u, c, frozen)
+			go pump(c, u, frozen)
+		}
+	}()
+}
+
+func pump(dst, src net.Conn, frozen *atomic.Bool) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 && !frozen.Load() {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				break
+			}
+		}
+		if err != nil {
+			break
+		}
+	}
+	_ = dst.Close()
+}
+
+// freeze makes every current connection a black hole that stays open, as a
+// peer that vanished without closing (no RST, no FIN) looks.
+func (p *proxy) freeze() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, frozen := range p.conns {
+		frozen.Store(true)
+	}
+}
+
+// down stops accepting and cuts every connection.
+func (p *proxy) down() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.ln != nil {
+		_ = p.ln.Close()
+		p.ln = nil
+	}
+	for c := range p.conns {
+		_ = c.Close()
+	}
+	clear(p.conns)
+}
+
+func (p *proxy) up() {
+	ln, err := net.Listen("tcp", p.addr)
+	require.NoError(p.t, err)
+	p.serve(ln)
+}
+
+// G6: real time pauses while Redis is down and recovers by itself: streams
+// subscribed before or during the outage are woken once it ends (they re-read
+// their logs), and subscriptions made during the outage work afterwards.
+func TestRedisOutageRecovers(t *testing.T) {
+	t.Parallel()
+	prefix := testenv.KeyPrefix(t)
+	opts, err := redis.ParseURL(testenv.RedisURL(t))
+	require.NoError(t, err)
+	p := newProxy(t, opts.Addr)
+	rt := openRedis(t, p.url(opts), prefix)
+	ctx := context.Background()
+
+	before, err := rt.Subscribe(ctx, "alice")
+	require.NoError(t, err)
+	t.Cleanup(before.Close)
+	drainWake(before)
+
+	p.down()
+	octx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	_, err = rt.Append(octx, []chat.Delivery{delivery("alice", "o1")})
+	require.Error(t, err)
+	during, err := rt.Subscribe(octx, "bob")
+	require.NoError(t, err)
+	t.Cleanup(during.Close)
+	require.NoError(t, octx.Err(), "Subscribe returned before the deadline")
+	drainWake(before)
+	drainWake(during)
+
+	p.up()
+	recvWake(t, before, 10*time.Second, "a stream subscribed before the outage, after it")
+	recvWake(t, during, 10*time.Second, "a stream subscribed during the outage, after it")
+
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		_, err := rt.Append(ctx, []chat.Delivery{delivery("bob", "o2")})
+		return err == nil
+	}, "appends work again")
+	recvWake(t, during, 5*time.Second, "an append after the outage")
+}
+
+// A Pub/Sub connection can die without an error (a peer or NAT that
+// vanished: no FIN, no RST). The receiver notices with its health-check
+// PING, replaces the connection and wakes every local subscription.
+func TestPubSubSilentlyDeadConnection(t *testing.T) {
+	t.Parallel()
+	prefix := testenv.KeyPrefix(t)
+	opts, err := redis.ParseURL(testenv.RedisURL(t))
+	require.NoError(t, err)
+	p := newProxy(t, opts.Addr)
+	popts, err := redis.ParseURL(p.url(opts))
+	require.NoError(t, err)
+	rdb := redis.NewClient(popts)
+	t.Cleanup(func() { _ = rdb.Close() })
+	rt := realtime.NewWithHealthInterval(rdb, realtime.Config{Prefix: prefix}, 100*time.Millisecond)
+	t.Cleanup(func() { _ = rt.Close() })
+	other := openRedis(t, testenv.RedisURL(t), prefix) // another node, not behind the proxy
+	ctx := context.Background()
+
+	s, err := rt.Subscribe(ctx, "alice")
+	require.NoError(t, err)
+	t.Cleanup(s.Close)
+	drainWake(s)
+
+	p.freeze()
+	recvWake(t, s, 5*time.Second, "after the silent Pub/Sub connection was replaced")
+	drainWake(s)
+	_, err = other.Append(ctx, []chat.Delivery{delivery("alice", "o1")})
+	require.NoError(t, err)
+	recvWake(t, s, 5*time.Second, "an append on another node, through the new connection")
+}
+
+// Every key the adapter writes starts with the prefix, those of a user or a
+// conversation carry its hash tag (one cluster slot), and the logs expire.
+func TestKeyLayout(t *testing.T) {
+	t.Parallel()
+	prefix := testenv.KeyPrefix(t)
+	rt := openRedis(t, testenv.RedisURL(t), prefix)
+	ctx := context.Background()
+	// The log's keys come into being one by one: each must get the TTL.
+	_, err := rt.Head(ctx, "alice")
+	require.NoError(t, err)
+	_, err = rt.Append(ctx, []chat.Delivery{delivery("alice", "o2")})
+	require.NoError(t, err)
+	_, err = rt.Append(ctx, []chat.Delivery{{UserID: "alice", Entry: &chat.LogEntry{
+		Key: "o1", Type: chat.EventMessageCreated, ConversationID: "c1", Seq: 1, Data: []byte(`{}`)}}})
+	require.NoError(t, err)
+	_, err = rt.Connect(ctx, "alice", "conn1", time.Minute)
+	require.NoError(t, err)
+	_, err = rt.Disconnect(ctx, "alice", "conn1")
+	require.NoError(t, err)
+	require.NoError(t, rt.FillMembers(ctx, "c1", "0", []string{"alice"}))
+	require.NoError(t, rt.InvalidateMembers(ctx, "c2"))
+	require.NoError(t, rt.FillSessions(ctx, "alice", []chat.Activity{{ConversationID: "c1", At: time.Now()}}))
+	_, _, err = rt.Allow(ctx, "send:alice", chat.Limit{Rate: 1, Period: time.Second, Burst: 1}, 1)
+	require.NoError(t, err)
+
+	admin := adminClient(t)
+	keys, err := admin.Keys(ctx, prefix+"*").Result()
+	require.NoError(t, err)
+	want := []string{
+		"offline:{alice}", "offline:seq:{alice}", "offline:epoch:{alice}", "offline:conv:{alice}", "offline:keys:{alice}",
+		"user:lastseen:{alice}", "group:members:{c1}", "group:members:ver:{c2}", "session:{alice}", "rate:send:alice",
+	}
+	var got []string
+	for _, k := range keys {
+		got = append(got, strings.TrimPrefix(k, prefix))
+	}
+	require.ElementsMatch(t, want, got)
+	for _, k := range want[:5] {
+		ttl, err := admin.TTL(ctx, prefix+k).Result()
+		require.NoError(t, err)
+		require.Greater(t, ttl, 6*24*time.Hour, "%s expires with the log", k)
+	}
+}
+
+// BenchmarkAppend measures fan-out into the logs: each Append delivers one
+// message to 200 users (one script per user, one pipeline per call), from one
+// caller and from several concurrent ones (the dispatchers of several sends).
+func BenchmarkAppend(b *testing.B) {
+	const users = 200
+	data := []byte(`{"id":"01J8Z6Q4W2","conversation_id":"CONV","seq":0,"sender_id":"alice",` +
+		`"text":"hello there, this is a typical short chat message","created_at":"2026-01-02T03:04:05.678Z"}`)
+	var convs atomic.Int64
+	// fanOut appends the next message of its own conversation to all users.
+	fanOut := func(b *testing.B, rt chat.Realtime) func() {
+		cid := fmt.Sprintf("c%d", convs.Add(1))
+		ds := make([]chat.Delivery, users)
+		seq := int64(0)
+		return func() {
+			seq++
+			for u := range ds {
+				ds[u] = chat.Delivery{UserID: fmt.Sprintf("u%d", u), Entry: &chat.LogEntry{
+					Key: fmt.Sprintf("o%s-%d", cid, seq), Type: chat.EventMessageCreated,
+					ConversationID: cid, Seq: seq, Data: data,
+				}}
+			}
+			gaps, err := rt.Append(context.Background(), ds)
+			if err != nil || len(gaps) > 0 {
+				b.Errorf("append: %v, gaps %v", err, gaps)
+			}
+		}
+	}
+	b.Run("serial", func(b *testing.B) {
+		rt := openRedis(b, testenv.RedisURL(b), testenv.KeyPrefix(b))
+		next := fanOut(b, rt)
+		for b.Loop() {
+			next()
+		}
+		b.ReportMetric(float64(b.N*users)/b.Elapsed().Seconds(), "recipients/s")
+	})
+	b.Run("parallel", func(b *testing.B) {
+		rt := openRedis(b, testenv.RedisURL(b), testenv.KeyPrefix(b))
+		b.SetParallelism(4) // 4 callers per CPU
+		b.ResetTimer()
+		b.RunParallel(func(pb *testing.PB) {
+			next := fanOut(b, rt)
+			for pb.Next() {
+				next()
+			}
+		})
+		b.ReportMetric(float64(b.N*users)/b.Elapsed().Seconds(), "recipients/s")
+	})
+}
