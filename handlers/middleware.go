@@ -1,11 +1,18 @@
 package handlers
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
+	"maps"
 	"net"
 	"net/http"
+	"slices"
+	"strconv"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/getkin/kin-openapi/openapi3"
 	"github.com/getkin/kin-openapi/openapi3filter"
@@ -169,6 +176,22 @@ func (s *Server) validate(next http.Handler) http.Handler {
 			next.ServeHTTP(w, r) // chi routed it; nothing in the spec to check
 			return
 		}
+		if r.Body != nil && r.Body != http.NoBody {
+			body, err := io.ReadAll(r.Body)
+			if err != nil {
+				if tooLarge(err) {
+					writeError(w, r, s.log, errTooLarge)
+				} else {
+					writeError(w, r, s.log, chat.Invalid("body", "could not be read"))
+				}
+				return
+			}
+			r.Body = io.NopCloser(bytes.NewReader(body))
+			if err := checkUnicode(body); err != nil {
+				writeError(w, r, s.log, err)
+				return
+			}
+		}
 		in := &openapi3filter.RequestValidationInput{Request: r, PathParams: params, Route: route,
 			Options: &openapi3filter.Options{AuthenticationFunc: openapi3filter.NoopAuthenticationFunc, MultiError: true}}
 		if err := openapi3filter.ValidateRequest(r.Context(), in); err != nil {
@@ -254,4 +277,77 @@ func addSchemaError(v *chat.Validation, field string, err error, isParam bool) {
 		}
 	}
 	v.Add(field, reason)
+}
+
+// checkUnicode rejects a JSON body whose strings are not valid Unicode.
+// encoding/json silently turns invalid UTF-8 and lone surrogate escapes
+// into U+FFFD, so without this a message would be stored with text the
+// client never sent. The error names the top-level field holding the bad
+// string; malformed JSON is left to the validator.
+func checkUnicode(body []byte) error {
+	if utf8.Valid(body) && !bytes.Contains(body, []byte(`\u`)) {
+		return nil // the common case: nothing that could be wrong
+	}
+	var obj map[string]json.RawMessage
+	if json.Unmarshal(body, &obj) != nil {
+		if !validUnicode(body) {
+			return chat.Invalid("body", "must be valid UTF-8")
+		}
+		return nil
+	}
+	var v chat.Validation
+	for _, k := range slices.Sorted(maps.Keys(obj)) {
+		if !validUnicode(obj[k]) {
+			v.Add(k, "must be valid UTF-8 (no invalid bytes or lone surrogates)")
+		}
+	}
+	if err := v.Err(); err != nil {
+		return err
+	}
+	if !validUnicode(body) { // in a key
+		return chat.Invalid("body", "must be valid UTF-8")
+	}
+	return nil
+}
+
+// validUnicode reports whether raw JSON is valid UTF-8 and none of its
+// strings has a \u escape of a lone surrogate.
+func validUnicode(raw []byte) bool {
+	if !utf8.Valid(raw) {
+		return false
+	}
+	hex4 := func(i int) (rune, bool) {
+		if i+6 > len(raw) || raw[i] != '\\' || raw[i+1] != 'u' {
+			return 0, false
+		}
+		n, err := strconv.ParseUint(string(raw[i+2:i+6]), 16, 16)
+		return rune(n), err == nil
+	}
+	inString := false
+	for i := 0; i < len(raw); i++ {
+		switch c := raw[i]; {
+		case !inString:
+			inString = c == '"'
+		case c == '"':
+			inString = false
+		case c == '\\':
+			r, ok := hex4(i)
+			if !ok {
+				i++ // a one-character escape (or malformed: the decoder reports it)
+				continue
+			}
+			i += 5
+			switch {
+			case r >= 0xDC00 && r <= 0xDFFF:
+				return false
+			case r >= 0xD800 && r <= 0xDBFF:
+				if lo, ok := hex4(i + 1); ok && lo >= 0xDC00 && lo <= 0xDFFF {
+					i += 6
+					continue
+				}
+				return false
+			}
+		}
+	}
+	return true
 }
