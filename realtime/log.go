@@ -227,13 +227,15 @@ func (r *Redis) Append(ctx context.Context, ds []chat.Delivery) ([]chat.Gap, err
 		return nil, nil
 	}
 
-	epoch := newEpoch()
 	ttl := strconv.FormatInt(ttlMillis(r.cfg.LogTTL), 10)
 	capArg := strconv.Itoa(r.cfg.LogCap)
 	calls := make([]scriptCall, len(batches))
 	for i, b := range batches {
 		args := make([]any, 0, 4+7*len(b.entries))
-		args = append(args, epoch, capArg, ttl, r.userChannel(b.uid))
+		// A fresh epoch per user (used only if the log is new): ids of
+		// different users' logs must never collide, or a Last-Event-ID of
+		// one account would be served from another's log.
+		args = append(args, newEpoch(), capArg, ttl, r.userChannel(b.uid))
 		for _, e := range b.entries {
 			args = append(args, e.Key, string(e.Type), e.ConversationID,
 				strconv.FormatInt(max(e.Seq, 0), 10), strconv.FormatInt(max(e.Baseline, 0), 10),

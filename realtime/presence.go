@@ -95,8 +95,8 @@ func (r *Redis) Connect(ctx context.Context, uid, connID string, ttl time.Durati
 	return n == 1, nil
 }
 
-// Refresh implements chat.Presence. Refreshing a connection that already
-// expired and was swept by another Connect or Disconnect does not revive it.
+// Refresh implements chat.Presence. It revives an entry that expired (an
+// outage longer than the TTL): the stream is alive, so the user is online.
 func (r *Redis) Refresh(ctx context.Context, uid, connID string, ttl time.Duration) error {
 	if err := r.runScript(ctx, refreshScript, r.presenceKeys(uid)[:1], connID, ttlMillis(ttl)).Err(); err != nil {
 		return fmt.Errorf("realtime: presence refresh: %w", err)

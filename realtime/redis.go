@@ -1,6 +1,8 @@
-// Package realtime is imd's Redis adapter: it implements chat.Realtime, the
-// ports for everything that has to be fast and shared between nodes but is
-// not the source of truth.
+// Package realtime implements chat.Realtime, the ports for everything that
+// has to be fast and shared between nodes but is not the source of truth:
+// Redis for deployments of one or more nodes, and Memory (memory*.go) with the
+// same semantics, pinned by one conformance suite (realtimetest), for the
+// embedded single-node mode that needs no Redis.
 //
 // It owns, in one Redis (keys hash-tagged per user or conversation, so that
 // the same layout works on Redis Cluster):
@@ -73,7 +75,7 @@ const (
 	sessionsTTL      = 24 * time.Hour // the conversation list is refilled from PostgreSQL at least daily, bounding any drift
 )
 
-// Config configures a Redis adapter.
+// Config configures the realtime adapters (Redis, and Memory for the embedded mode).
 type Config struct {
 	// Prefix starts every key and channel name, so that several deployments
 	// (or tests) can share one Redis. It must not contain '{': the hash tags

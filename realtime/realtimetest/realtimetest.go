@@ -365,6 +365,17 @@ func testEpoch(t *testing.T, h Harness) {
 	require.NoError(t, err)
 	require.NotEqual(t, p1.Epoch, p3.Epoch)
 	require.EqualValues(t, 1, p3.Offset)
+
+	// Logs created by one Append get epochs of their own: one account's
+	// event id must never be served from another account's log.
+	appendOK(t, rt, keyed("carol", "o1", 1), keyed("dave", "o1", 1))
+	pc, err := rt.Head(ctx, "carol")
+	require.NoError(t, err)
+	pd, err := rt.Head(ctx, "dave")
+	require.NoError(t, err)
+	require.NotEqual(t, pc.Epoch, pd.Epoch)
+	_, _, err = rt.Read(ctx, "dave", chat.Position{Epoch: pc.Epoch, Offset: 0}, 10)
+	requireResync(t, err, chat.ResyncEpoch)
 	_, _, err = rt.Read(ctx, "alice", last, 10)
 	requireResync(t, err, chat.ResyncEpoch)
 
