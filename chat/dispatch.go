@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"hash/fnv"
+	"slices"
 	"sync"
 	"time"
 )
@@ -63,24 +64,47 @@ func (d *dispatcher) enqueue(evs []OutboxEvent) {
 	}
 }
 
+// maxBatch bounds one delivery round. A round costs one Append (one script
+// per recipient, however many of the round's events it gets), one session
+// touch per conversation and one outbox delete, so a busy conversation is
+// delivered in batches instead of paying those round trips per message.
+const maxBatch = 128
+
 func (d *dispatcher) work(ctx context.Context, q chan OutboxEvent) {
+	batch := make([]OutboxEvent, 0, maxBatch)
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case ev := <-q:
-			d.deliverAndAck(ctx, ev)
+			batch = append(batch[:0], ev)
 		}
+	more:
+		for len(batch) < maxBatch {
+			select {
+			case ev := <-q:
+				batch = append(batch, ev)
+			default:
+				break more
+			}
+		}
+		d.deliverAndAck(ctx, batch)
 	}
 }
 
-func (d *dispatcher) deliverAndAck(ctx context.Context, ev OutboxEvent) bool {
-	if err := d.s.deliver(ctx, ev); err != nil {
-		d.s.log.Warn("dispatch failed; the sweeper retries", "event", ev.ID, "type", ev.Type, "err", err)
+// deliverAndAck delivers a batch and deletes it from the outbox; on failure
+// the events stay there for a sweeper.
+func (d *dispatcher) deliverAndAck(ctx context.Context, evs []OutboxEvent) bool {
+	if err := d.s.deliver(ctx, evs); err != nil {
+		d.s.log.Warn("dispatch failed; the sweeper retries", "events", len(evs), "first", evs[0].ID, "err", err)
 		return false
 	}
-	if err := d.s.store.EventsDone(ctx, []int64{ev.ID}); err != nil {
-		d.s.log.Warn("outbox ack", "event", ev.ID, "err", err)
+	ids := make([]int64, len(evs))
+	for i, ev := range evs {
+		ids[i] = ev.ID
+	}
+	if err := d.s.store.EventsDone(ctx, ids); err != nil {
+		d.s.log.Warn("outbox ack", "events", len(ids), "err", err)
 	}
 	return true
 }
@@ -97,75 +121,112 @@ func (d *dispatcher) sweep(ctx context.Context) {
 			return
 		case <-t.C:
 		}
+		// Claim only what this node can deliver: a claimed batch is hidden
+		// from the other nodes' sweepers for sweepLease, so a node whose
+		// Redis is away (a partition of this node only) would otherwise hold
+		// back events that a healthy node could deliver at once.
+		if err := d.s.rt.Ping(ctx); err != nil {
+			continue
+		}
 		for ctx.Err() == nil {
 			evs, err := d.s.store.ClaimEvents(ctx, time.Now().Add(-d.s.cfg.SweepAfter), sweepLease, 256)
 			if err != nil {
 				d.s.log.Warn("outbox sweep", "err", err)
 				break
 			}
-			for _, ev := range evs {
-				if !d.deliverAndAck(ctx, ev) {
-					break // Redis is likely down; retry the rest next tick
+			failed := false
+			for chunk := range slices.Chunk(evs, maxBatch) {
+				if !d.deliverAndAck(ctx, chunk) {
+					// Redis is likely down: the rest of the batch waits for
+					// its lease to run out; claim no more this round.
+					failed = true
+					break
 				}
 			}
-			if len(evs) < 256 {
+			if failed || len(evs) < 256 {
 				break
 			}
 		}
 	}
 }
 
-// deliver appends ev to the log of each recipient, filling any gaps the logs
-// report, and updates the caches that depend on it.
-func (s *Service) deliver(ctx context.Context, ev OutboxEvent) error {
-	switch ev.Type {
-	case EventMemberAdded, EventMemberRemoved, EventMemberUpdated:
-		if err := s.rt.InvalidateMembers(ctx, ev.ConversationID); err != nil {
-			return err
-		}
+// deliver appends a batch of events, in order, to the logs of their
+// recipients, fills the gaps the logs report, and updates the caches that
+// depend on them.
+func (s *Service) deliver(ctx context.Context, evs []OutboxEvent) error {
+	members := map[string][]string{} // per conversation, for this batch
+	type touch struct {
+		to []string
+		at time.Time
 	}
-	to := ev.To
-	if len(to) == 0 {
-		ids, err := s.members(ctx, ev.ConversationID)
+	touches := map[string]touch{}
+	var removed [][2]string // (user, conversation) to drop from session lists
+	var ds []Delivery
+	for _, ev := range evs {
+		switch ev.Type {
+		case EventMemberAdded, EventMemberRemoved, EventMemberUpdated:
+			if err := s.rt.InvalidateMembers(ctx, ev.ConversationID); err != nil {
+				return err
+			}
+			delete(members, ev.ConversationID)
+		}
+		to := ev.To
+		if len(to) == 0 {
+			ids, ok := members[ev.ConversationID]
+			if !ok {
+				var err error
+				if ids, err = s.members(ctx, ev.ConversationID); err != nil {
+					return err
+				}
+				members[ev.ConversationID] = ids
+			}
+			to = append(slices.Clip(ids), ev.Extra...)
+		}
+		if len(to) == 0 {
+			continue
+		}
+		evDs, activity, err := s.deliveries(ctx, ev, to)
 		if err != nil {
 			return err
 		}
-		to = append(ids, ev.Extra...)
-	}
-	if len(to) == 0 {
-		return nil
-	}
-	ds, activity, err := s.deliveries(ctx, ev, to)
-	if err != nil {
-		return err
-	}
-	gaps, err := s.rt.Append(ctx, ds)
-	if err != nil {
-		return err
-	}
-	for _, g := range gaps {
-		if err := s.fillGap(ctx, g, ds); err != nil {
-			return err
-		}
-	}
-	switch ev.Type {
-	case EventMessageCreated:
-		err = s.rt.TouchSessions(ctx, to, ev.ConversationID, ev.CreatedAt)
-	case EventConversationCreated:
-		if activity.IsZero() {
-			break
-		}
-		// The list orders by the conversation's own last activity (as
-		// PostgreSQL does), not by when the user joined.
-		err = s.rt.TouchSessions(ctx, to, ev.ConversationID, activity)
-	case EventMemberRemoved:
-		for _, uid := range ev.Extra {
-			if err = s.rt.RemoveSession(ctx, uid, ev.ConversationID); err != nil {
-				break
+		ds = append(ds, evDs...)
+		switch ev.Type {
+		case EventMessageCreated:
+			touches[ev.ConversationID] = touch{to: to, at: ev.CreatedAt}
+		case EventConversationCreated:
+			// The list orders by the conversation's own last activity (as
+			// PostgreSQL does), not by when the user joined.
+			if !activity.IsZero() {
+				if err := s.rt.TouchSessions(ctx, to, ev.ConversationID, activity); err != nil {
+					return err
+				}
+			}
+		case EventMemberRemoved:
+			for _, uid := range ev.Extra {
+				removed = append(removed, [2]string{uid, ev.ConversationID})
 			}
 		}
 	}
-	return err
+	if len(ds) > 0 {
+		gaps, err := s.rt.Append(ctx, ds)
+		if err != nil {
+			return err
+		}
+		if err := s.fillGaps(ctx, gaps); err != nil {
+			return err
+		}
+	}
+	for cid, t := range touches {
+		if err := s.rt.TouchSessions(ctx, t.to, cid, t.at); err != nil {
+			return err
+		}
+	}
+	for _, r := range removed {
+		if err := s.rt.RemoveSession(ctx, r[0], r[1]); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // deliveries builds the log entries of ev for its recipients; for
@@ -211,47 +272,87 @@ func (s *Service) deliveries(ctx context.Context, ev OutboxEvent, to []string) (
 	return ds, activity, nil
 }
 
-// fillGap appends the messages a user's log is missing before g.Seq, read
-// from PostgreSQL (they are committed: seq order is commit order), then the
-// message that reported the gap.
-func (s *Service) fillGap(ctx context.Context, g Gap, ds []Delivery) error {
-	var orig *LogEntry
-	for _, d := range ds {
-		if d.UserID == g.UserID && d.Entry.Seq == g.Seq && d.Entry.ConversationID == g.ConversationID {
-			orig = d.Entry
-			break
-		}
-	}
-	last := g.LastSeq
-	for attempt := 0; attempt < 1000 && last < g.Seq-1; attempt++ {
-		msgs, _, err := s.store.Messages(ctx, g.ConversationID, HistoryQuery{After: true, AfterSeq: last,
-			Limit: int(min(int64(gapFillBatch), g.Seq-1-last))})
-		if err != nil {
-			return err
-		}
-		if len(msgs) == 0 {
-			break
-		}
-		fill := make([]Delivery, len(msgs))
-		for i, m := range msgs {
-			data, _ := json.Marshal(m)
-			fill[i] = Delivery{UserID: g.UserID, Entry: &LogEntry{Key: "m" + m.ID, Type: EventMessageCreated,
-				ConversationID: m.ConversationID, Seq: m.Seq, Data: data}}
-		}
-		if _, err := s.rt.Append(ctx, fill); err != nil {
-			return err
-		}
-		last = msgs[len(msgs)-1].Seq
-	}
-	if orig == nil {
+// fillGaps appends, in order, the messages users' logs are missing up to and
+// including the ones that reported the gaps, read from the store: they are
+// committed, since seq order is commit order. Gaps of one user and
+// conversation are merged, and each conversation is read once.
+//
+// When a log does not know where a conversation starts (LastSeq -1: a new
+// group, a member whose conversation.created is still in flight, a lost
+// log), the fill starts gapFillBatch messages back and tells the log so
+// with a Baseline: at worst some messages the client already has arrive
+// again under new ids; none is skipped.
+func (s *Service) fillGaps(ctx context.Context, gaps []Gap) error {
+	if len(gaps) == 0 {
 		return nil
 	}
-	gaps, err := s.rt.Append(ctx, []Delivery{{UserID: g.UserID, Entry: orig}})
+	type span struct {
+		uid, cid string
+		lo, hi   int64
+		unknown  bool
+	}
+	spans := map[[2]string]*span{}
+	var order []*span
+	for _, g := range gaps {
+		k := [2]string{g.UserID, g.ConversationID}
+		sp, ok := spans[k]
+		if !ok {
+			sp = &span{uid: g.UserID, cid: g.ConversationID, lo: g.LastSeq, hi: g.Seq, unknown: g.LastSeq < 0}
+			spans[k] = sp
+			order = append(order, sp)
+		}
+		sp.hi = max(sp.hi, g.Seq)
+		if g.LastSeq >= 0 && (sp.unknown || g.LastSeq < sp.lo) {
+			sp.lo, sp.unknown = g.LastSeq, false
+		}
+	}
+	lo, hi := map[string]int64{}, map[string]int64{}
+	for _, sp := range order {
+		if sp.unknown {
+			sp.lo = max(0, sp.hi-1-gapFillBatch)
+		}
+		if l, ok := lo[sp.cid]; !ok || sp.lo < l {
+			lo[sp.cid] = sp.lo
+		}
+		hi[sp.cid] = max(hi[sp.cid], sp.hi)
+	}
+	msgs := map[string][]Message{}
+	for cid, from := range lo {
+		for from < hi[cid] {
+			page, _, err := s.store.Messages(ctx, cid, HistoryQuery{After: true, AfterSeq: from,
+				Limit: int(min(int64(gapFillBatch), hi[cid]-from))})
+			if err != nil {
+				return err
+			}
+			if len(page) == 0 {
+				break
+			}
+			msgs[cid] = append(msgs[cid], page...)
+			from = page[len(page)-1].Seq
+		}
+	}
+	var fill []Delivery
+	for _, sp := range order {
+		first := true
+		for _, m := range msgs[sp.cid] {
+			if m.Seq <= sp.lo || m.Seq > sp.hi {
+				continue
+			}
+			data, _ := json.Marshal(m)
+			e := &LogEntry{Key: "m" + m.ID, Type: EventMessageCreated, ConversationID: m.ConversationID, Seq: m.Seq, Data: data}
+			if first && sp.unknown {
+				e.Baseline = sp.lo
+			}
+			first = false
+			fill = append(fill, Delivery{UserID: sp.uid, Entry: e})
+		}
+	}
+	again, err := s.rt.Append(ctx, fill)
 	if err != nil {
 		return err
 	}
-	if len(gaps) > 0 {
-		s.log.Warn("gap persists after fill", "user", g.UserID, "conversation", g.ConversationID, "seq", g.Seq)
+	for _, g := range again {
+		s.log.Warn("gap persists after fill", "user", g.UserID, "conversation", g.ConversationID, "last", g.LastSeq, "seq", g.Seq)
 	}
 	return nil
 }

@@ -103,7 +103,9 @@ type LogEntry struct {
 	ConversationID string
 	// Seq > 0 (message.created) must be exactly the next seq of the
 	// conversation in this log, else the append reports a Gap; a Seq at or
-	// below the last one is a duplicate and is skipped.
+	// below the last one is a duplicate and is skipped. When the log has no
+	// seq of the conversation yet, only Seq 1 (or Baseline+1) is accepted;
+	// any other is a Gap with LastSeq -1 (start unknown).
 	Seq int64
 	// Baseline > 0 raises the conversation's last seq in this log to at least
 	// Baseline without appending a message: a user added at last_seq N has
@@ -122,7 +124,9 @@ type Delivery struct {
 
 // Gap reports that a user's log holds seqs of a conversation only up to
 // LastSeq, below the message being appended: the dispatcher fills the gap from
-// the store first, so a conversation is never appended out of order.
+// the store first, so a conversation is never appended out of order. LastSeq
+// -1 means the log does not know where the conversation starts (a new member,
+// a new group, a lost log).
 type Gap struct {
 	UserID         string
 	ConversationID string

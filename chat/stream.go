@@ -154,6 +154,11 @@ func (s *Service) drain(ctx context.Context, uid string, pos Position, sink Sink
 			return pos, err
 		}
 		pos = next
+		if len(evs) < readBatch {
+			// Caught up. An append that lands after this read publishes
+			// its wake-up after writing, so nothing waits unseen.
+			return pos, nil
+		}
 	}
 }
 

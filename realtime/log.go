@@ -95,7 +95,17 @@ for i = 5, #ARGV, 7 do
   local ok = true
   if seq > 0 then
     local last = redis.call('HGET', KEYS[4], cid)
-    if last then
+    if not last and baseline > 0 then
+      last = baseline -- a gap fill says where this conversation starts here
+    end
+    if not last and seq > 1 then
+      -- Where this log starts the conversation is unknown: accepting seq as
+      -- the first could make an earlier seq, dispatched later, look like a
+      -- duplicate and vanish. The dispatcher fills from the store instead.
+      ok = false
+      gaps[#gaps+1] = n
+      gaps[#gaps+1] = -1
+    elseif last then
       last = tonumber(last)
       if seq <= last then
         ok = false

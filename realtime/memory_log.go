@@ -180,7 +180,7 @@ func (m *Memory) Append(ctx context.Context, ds []chat.Delivery) ([]chat.Gap, er
 			}
 			if g, ok := l.appendOne(e, m.cfg.LogCap, &dc); ok {
 				appended++
-			} else if g >= 0 {
+			} else if g != dupSkip {
 				gaps = append(gaps, chat.Gap{UserID: b.uid, ConversationID: e.ConversationID, LastSeq: g, Seq: e.Seq})
 			}
 		}
@@ -195,24 +195,31 @@ func (m *Memory) Append(ctx context.Context, ds []chat.Delivery) ([]chat.Gap, er
 	return gaps, nil
 }
 
+// dupSkip is appendOne's gapLast for a duplicate (no gap to report).
+const dupSkip = -2
+
 // appendOne applies one entry to l (locked). It reports whether the entry
 // was appended, and if not, the conversation's last seq when the entry was
-// skipped because of a gap (-1 for a duplicate).
+// skipped because of a gap (-1: the start is unknown; dupSkip: a duplicate).
 func (l *memLog) appendOne(e *chat.LogEntry, logCap int, dc *dataCopier) (gapLast int64, ok bool) {
 	seq, baseline := max(e.Seq, 0), max(e.Baseline, 0)
 	cid := e.ConversationID
 	if seq > 0 {
-		if last, has := l.conv[cid]; has {
-			if seq <= last {
-				return -1, false
-			}
-			if seq > last+1 {
-				return last, false
-			}
+		last, has := l.conv[cid]
+		if !has && baseline > 0 {
+			last, has = baseline, true // a gap fill says where this conversation starts here
+		}
+		switch {
+		case !has && seq > 1:
+			return -1, false // start unknown: the dispatcher fills from the store
+		case has && seq <= last:
+			return dupSkip, false
+		case has && seq > last+1:
+			return last, false
 		}
 	} else if e.Key != "" {
 		if _, dup := l.keys[e.Key]; dup {
-			return -1, false
+			return dupSkip, false
 		}
 	}
 	l.head++
