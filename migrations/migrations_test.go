@@ -3,12 +3,16 @@ package migrations
 import (
 	"context"
 	"database/sql"
+	"io/fs"
+	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	_ "github.com/lib/pq"
 	"github.com/stretchr/testify/require"
+	_ "modernc.org/sqlite"
 
 	"imd/internal/testenv"
 )
@@ -22,6 +26,18 @@ func openDB(t *testing.T) *sql.DB {
 	return db
 }
 
+// openSQLite opens a new database file with the pragmas the store uses that
+// matter to the schema (foreign keys, so that Down's drops are checked).
+func openSQLite(t *testing.T) *sql.DB {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "imd.db")
+	db, err := sql.Open("sqlite", path+"?_foreign_keys=1&_busy_timeout=5000&_journal_mode=WAL&_txlock=immediate")
+	require.NoError(t, err)
+	db.SetMaxOpenConns(1)
+	t.Cleanup(func() { _ = db.Close() })
+	return db
+}
+
 func testCtx(t *testing.T) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	t.Cleanup(cancel)
@@ -31,8 +47,21 @@ func testCtx(t *testing.T) context.Context {
 // tablesInCurrentSchema lists the tables of the connection's current schema.
 func tablesInCurrentSchema(t *testing.T, ctx context.Context, db *sql.DB) []string {
 	t.Helper()
-	rows, err := db.QueryContext(ctx,
+	return names(t, ctx, db,
 		`SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY tablename`)
+}
+
+// sqliteTables lists the tables of a SQLite database, without SQLite's own
+// (sqlite_sequence, which AUTOINCREMENT creates).
+func sqliteTables(t *testing.T, ctx context.Context, db *sql.DB) []string {
+	t.Helper()
+	return names(t, ctx, db,
+		`SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name`)
+}
+
+func names(t *testing.T, ctx context.Context, db *sql.DB, query string) []string {
+	t.Helper()
+	rows, err := db.QueryContext(ctx, query)
 	require.NoError(t, err)
 	defer rows.Close()
 	var names []string
@@ -55,7 +84,7 @@ func TestUpLandsInSearchPathSchema(t *testing.T) {
 	ctx := testCtx(t)
 	db := openDB(t)
 
-	require.NoError(t, Up(ctx, db))
+	require.NoError(t, Up(ctx, db, Postgres))
 	require.Equal(t, allTables, tablesInCurrentSchema(t, ctx, db))
 
 	var version int64
@@ -66,15 +95,34 @@ func TestUpLandsInSearchPathSchema(t *testing.T) {
 
 func TestUpIsIdempotent(t *testing.T) {
 	t.Parallel()
-	ctx := testCtx(t)
-	db := openDB(t)
-	require.NoError(t, Up(ctx, db))
-	require.NoError(t, Up(ctx, db))
+	for _, d := range []Dialect{Postgres, SQLite} {
+		t.Run(string(d), func(t *testing.T) {
+			t.Parallel()
+			ctx := testCtx(t)
+			db := open(t, d)
+			require.NoError(t, Up(ctx, db, d))
+			require.NoError(t, Up(ctx, db, d))
 
-	var applied int
-	require.NoError(t, db.QueryRowContext(ctx,
-		`SELECT count(*) FROM goose_db_version WHERE version_id > 0`).Scan(&applied))
-	require.Equal(t, 1, applied, "each migration is recorded once")
+			var applied int
+			require.NoError(t, db.QueryRowContext(ctx,
+				`SELECT count(*) FROM goose_db_version WHERE version_id > 0`).Scan(&applied))
+			require.Equal(t, 1, applied, "each migration is recorded once")
+		})
+	}
+}
+
+func open(t *testing.T, d Dialect) *sql.DB {
+	if d == SQLite {
+		return openSQLite(t)
+	}
+	return openDB(t)
+}
+
+func tables(t *testing.T, ctx context.Context, db *sql.DB, d Dialect) []string {
+	if d == SQLite {
+		return sqliteTables(t, ctx, db)
+	}
+	return tablesInCurrentSchema(t, ctx, db)
 }
 
 // Nodes starting together each call Up: the advisory lock makes them take
@@ -94,7 +142,7 @@ func TestUpConcurrently(t *testing.T) {
 	errs := make([]error, nodes)
 	var wg sync.WaitGroup
 	for i, db := range dbs {
-		wg.Go(func() { errs[i] = Up(ctx, db) })
+		wg.Go(func() { errs[i] = Up(ctx, db, Postgres) })
 	}
 	wg.Wait()
 	for _, err := range errs {
@@ -107,18 +155,50 @@ func TestUpConcurrently(t *testing.T) {
 // leaves a schema where Up works again.
 func TestDownThenUp(t *testing.T) {
 	t.Parallel()
-	ctx := testCtx(t)
-	db := openDB(t)
-	require.NoError(t, Up(ctx, db))
+	for _, d := range []Dialect{Postgres, SQLite} {
+		t.Run(string(d), func(t *testing.T) {
+			t.Parallel()
+			ctx := testCtx(t)
+			db := open(t, d)
+			require.NoError(t, Up(ctx, db, d))
+			require.Equal(t, allTables, tables(t, ctx, db, d))
 
-	p, err := newProvider(ctx, db)
-	require.NoError(t, err)
-	_, err = p.DownTo(ctx, 0)
-	require.NoError(t, err)
-	require.Equal(t, []string{"goose_db_version"}, tablesInCurrentSchema(t, ctx, db))
+			p, err := newProvider(ctx, db, d)
+			require.NoError(t, err)
+			_, err = p.DownTo(ctx, 0)
+			require.NoError(t, err)
+			require.Equal(t, []string{"goose_db_version"}, tables(t, ctx, db, d))
 
-	require.NoError(t, Up(ctx, db))
-	require.Equal(t, allTables, tablesInCurrentSchema(t, ctx, db))
+			require.NoError(t, Up(ctx, db, d))
+			require.Equal(t, allTables, tables(t, ctx, db, d))
+		})
+	}
+}
+
+// Every version exists in both dialects, under the same name: a migration
+// written for one database only would leave the other mode a schema behind.
+func TestDialectsInStep(t *testing.T) {
+	list := func(d Dialect) []string {
+		files, err := fs.Glob(FS, string(d)+"/*.sql")
+		require.NoError(t, err)
+		var out []string
+		for _, f := range files {
+			out = append(out, strings.TrimPrefix(f, string(d)+"/"))
+			body, err := fs.ReadFile(FS, f)
+			require.NoError(t, err)
+			require.Contains(t, string(body), "-- +goose Up", f)
+			require.Contains(t, string(body), "-- +goose Down", f)
+		}
+		return out
+	}
+	pg, lite := list(Postgres), list(SQLite)
+	require.NotEmpty(t, pg)
+	require.Equal(t, pg, lite)
+}
+
+func TestUnknownDialect(t *testing.T) {
+	err := Up(testCtx(t), openSQLite(t), "oracle")
+	require.ErrorContains(t, err, "unknown dialect")
 }
 
 func TestLockIDDependsOnSchema(t *testing.T) {

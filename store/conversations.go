@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/jmoiron/sqlx"
-	"github.com/lib/pq"
 
 	"imd/chat"
 )
@@ -73,7 +72,9 @@ func (r viewRow) conversation() chat.Conversation {
 //   - unread_count: messages after the viewer's read position that others
 //     sent (a primary-key range scan per conversation);
 //   - peer_id: the other half of direct_key, so a direct conversation keeps
-//     its peer even if one side has left;
+//     its peer even if one side has left. The viewer is one half and ids
+//     have no space, so the key starts with "<viewer> " exactly when the
+//     viewer is the first half (substr and length: both dialects have them);
 //   - last message: the row at last_seq, absent while last_seq is 0.
 const viewSQL = `
 SELECT c.id, c.type, c.title, c.created_at, c.last_seq, c.last_activity_at, c.member_count,
@@ -81,9 +82,9 @@ SELECT c.id, c.type, c.title, c.created_at, c.last_seq, c.last_activity_at, c.me
        (SELECT count(*) FROM messages u
          WHERE u.conversation_id = c.id AND u.seq > m.last_read_seq AND u.sender_id <> m.user_id) AS unread_count,
        CASE WHEN c.type = 'direct' THEN
-         CASE WHEN split_part(c.direct_key, ' ', 1) = m.user_id
-              THEN split_part(c.direct_key, ' ', 2)
-              ELSE split_part(c.direct_key, ' ', 1) END
+         CASE WHEN substr(c.direct_key, 1, length(m.user_id) + 1) = m.user_id || ' '
+              THEN substr(c.direct_key, length(m.user_id) + 2)
+              ELSE substr(c.direct_key, 1, length(c.direct_key) - length(m.user_id) - 1) END
        END AS peer_id,
        l.id AS lm_id, l.sender_id AS lm_sender_id, l.text AS lm_text, l.metadata AS lm_metadata,
        l.client_msg_id AS lm_client_msg_id, l.created_at AS lm_created_at
@@ -92,11 +93,7 @@ JOIN conversations c ON c.id = m.conversation_id
 LEFT JOIN messages l ON l.conversation_id = c.id AND l.seq = c.last_seq
 `
 
-const (
-	viewOneSQL      = viewSQL + `WHERE m.conversation_id = $1 AND m.user_id = $2`
-	viewForUserSQL  = viewSQL + `WHERE m.user_id = $1 AND m.conversation_id = ANY($2::text[])`
-	viewForUsersSQL = viewSQL + `WHERE m.conversation_id = $1 AND m.user_id = ANY($2::text[])`
-)
+const viewOneSQL = viewSQL + `WHERE m.conversation_id = $1 AND m.user_id = $2`
 
 func viewOne(ctx context.Context, q sqlx.QueryerContext, cid, viewer string) (chat.Conversation, error) {
 	var r viewRow
@@ -117,7 +114,7 @@ func views(ctx context.Context, q sqlx.QueryerContext, query string, args ...any
 // Conversation returns cid as viewer sees it; CodeNotFound unless viewer is
 // a member (whether or not cid exists).
 func (s *Store) Conversation(ctx context.Context, cid, viewer string) (chat.Conversation, error) {
-	c, err := viewOne(ctx, s.db, cid, viewer)
+	c, err := viewOne(ctx, s.rdb, cid, viewer)
 	return c, dbErr(err)
 }
 
@@ -128,7 +125,8 @@ func (s *Store) ConversationsFor(ctx context.Context, viewer string, ids []strin
 	if len(ids) == 0 {
 		return []chat.Conversation{}, nil
 	}
-	rows, err := views(ctx, s.db, viewForUserSQL, viewer, pq.Array(ids))
+	rows, err := views(ctx, s.rdb, viewSQL+`WHERE m.user_id = $1 AND m.conversation_id `+s.d.inTexts(2),
+		viewer, s.d.texts(ids))
 	if err != nil {
 		return nil, dbErr(err)
 	}
@@ -148,7 +146,8 @@ func (s *Store) ConversationViews(ctx context.Context, cid string, uids []string
 	if len(uids) == 0 {
 		return out, nil
 	}
-	rows, err := views(ctx, s.db, viewForUsersSQL, cid, pq.Array(uids))
+	rows, err := views(ctx, s.rdb, viewSQL+`WHERE m.conversation_id = $1 AND m.user_id `+s.d.inTexts(2),
+		cid, s.d.texts(uids))
 	if err != nil {
 		return nil, dbErr(err)
 	}
@@ -160,10 +159,10 @@ func (s *Store) ConversationViews(ctx context.Context, cid string, uids []string
 
 // checkUsers fails with CodeInvalid on field, listing the unknown ones, unless
 // every id exists. One query, so a group of thousands costs one round trip.
-func checkUsers(ctx context.Context, q sqlx.QueryerContext, ids []string, field string) error {
+func (s *Store) checkUsers(ctx context.Context, q sqlx.QueryerContext, ids []string, field string) error {
 	var found []string
 	if err := sqlx.SelectContext(ctx, q, &found,
-		`SELECT id FROM users WHERE id = ANY($1::text[])`, pq.Array(ids)); err != nil {
+		`SELECT id FROM users WHERE id `+s.d.inTexts(1), s.d.texts(ids)); err != nil {
 		return err
 	}
 	if len(found) == len(ids) {
@@ -192,7 +191,7 @@ func (s *Store) CreateGroup(ctx context.Context, g chat.NewGroup) (chat.Conversa
 		evs  []chat.OutboxEvent
 	)
 	err := s.inTx(ctx, func(tx *sqlx.Tx) error {
-		if err := checkUsers(ctx, tx, ids, "member_ids"); err != nil {
+		if err := s.checkUsers(ctx, tx, ids, "member_ids"); err != nil {
 			return err
 		}
 		if _, err := tx.ExecContext(ctx,
@@ -205,12 +204,12 @@ func (s *Store) CreateGroup(ctx context.Context, g chat.NewGroup) (chat.Conversa
 		if _, err := tx.ExecContext(ctx,
 			`INSERT INTO members (conversation_id, user_id, role, joined_at)
 			 SELECT $1, u.id, CASE WHEN u.ord = 1 THEN 'owner' ELSE 'member' END, $3
-			 FROM unnest($2::text[]) WITH ORDINALITY AS u(id, ord)`,
-			g.ID, pq.Array(ids), g.CreatedAt); err != nil {
+			 FROM `+s.d.unnestTexts(2, "u"),
+			g.ID, s.d.texts(ids), g.CreatedAt); err != nil {
 			return err
 		}
 		var err error
-		if evs, err = insertEvents(ctx, tx, g.CreatedAt, []chat.OutboxEvent{{
+		if evs, err = s.insertEvents(ctx, tx, g.CreatedAt, []chat.OutboxEvent{{
 			ConversationID: g.ID,
 			Type:           chat.EventConversationCreated,
 			To:             ids,
@@ -276,7 +275,7 @@ func (s *Store) DirectConversation(ctx context.Context, a, b, newID string, at t
 				id, a, b, at); err != nil {
 				return err
 			}
-			if evs, err = insertEvents(ctx, tx, at, []chat.OutboxEvent{{
+			if evs, err = s.insertEvents(ctx, tx, at, []chat.OutboxEvent{{
 				ConversationID: id,
 				Type:           chat.EventConversationCreated,
 				To:             []string{a, b},
@@ -317,14 +316,14 @@ func (s *Store) ActivityPage(ctx context.Context, uid string, after *chat.Activi
 		err error
 	)
 	if after == nil {
-		err = s.db.SelectContext(ctx, &rows,
+		err = s.rdb.SelectContext(ctx, &rows,
 			`SELECT c.id, c.last_activity_at
 			 FROM members m JOIN conversations c ON c.id = m.conversation_id
 			 WHERE m.user_id = $1
 			 ORDER BY c.last_activity_at DESC, c.id DESC
 			 LIMIT $2`, uid, limit)
 	} else {
-		err = s.db.SelectContext(ctx, &rows,
+		err = s.rdb.SelectContext(ctx, &rows,
 			`SELECT c.id, c.last_activity_at
 			 FROM members m JOIN conversations c ON c.id = m.conversation_id
 			 WHERE m.user_id = $1 AND (c.last_activity_at, c.id) < ($2, $3)
@@ -350,7 +349,7 @@ func (s *Store) SetTitle(ctx context.Context, cid, title, by string) (chat.Chang
 		if err := affected(res, err); err != nil {
 			return err
 		}
-		evs, err = insertEvents(ctx, tx, time.Time{}, []chat.OutboxEvent{{
+		evs, err = s.insertEvents(ctx, tx, time.Time{}, []chat.OutboxEvent{{
 			ConversationID: cid,
 			Type:           chat.EventConversationUpdated,
 		}})

@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/jmoiron/sqlx"
-	"github.com/lib/pq"
 
 	"imd/chat"
 )
@@ -41,7 +40,7 @@ const memberCols = `conversation_id, user_id, role, joined_at, last_read_seq`
 // Member returns uid's membership; CodeNotFound if uid is not a member.
 func (s *Store) Member(ctx context.Context, cid, uid string) (chat.Member, error) {
 	var r memberRow
-	if err := s.db.GetContext(ctx, &r,
+	if err := s.rdb.GetContext(ctx, &r,
 		`SELECT `+memberCols+` FROM members WHERE conversation_id = $1 AND user_id = $2`, cid, uid); err != nil {
 		return chat.Member{}, dbErr(err)
 	}
@@ -86,7 +85,7 @@ func (s *Store) Members(ctx context.Context, cid string, p chat.Page) ([]chat.Me
 	limit = min(limit, MaxMemberLimit)
 	var rows []memberRow
 	if p.Cursor == "" {
-		if err := s.db.SelectContext(ctx, &rows,
+		if err := s.rdb.SelectContext(ctx, &rows,
 			`SELECT `+memberCols+` FROM members WHERE conversation_id = $1
 			 ORDER BY joined_at, user_id LIMIT $2`, cid, limit+1); err != nil {
 			return nil, "", dbErr(err)
@@ -96,7 +95,7 @@ func (s *Store) Members(ctx context.Context, cid string, p chat.Page) ([]chat.Me
 		if err != nil {
 			return nil, "", err
 		}
-		if err := s.db.SelectContext(ctx, &rows,
+		if err := s.rdb.SelectContext(ctx, &rows,
 			`SELECT `+memberCols+` FROM members
 			 WHERE conversation_id = $1 AND (joined_at, user_id) > ($2, $3)
 			 ORDER BY joined_at, user_id LIMIT $4`, cid, at, uid, limit+1); err != nil {
@@ -118,7 +117,7 @@ func (s *Store) Members(ctx context.Context, cid string, p chat.Page) ([]chat.Me
 // MemberIDs lists all members of cid in join order.
 func (s *Store) MemberIDs(ctx context.Context, cid string) ([]string, error) {
 	ids := []string{}
-	if err := s.db.SelectContext(ctx, &ids,
+	if err := s.rdb.SelectContext(ctx, &ids,
 		`SELECT user_id FROM members WHERE conversation_id = $1 ORDER BY joined_at, user_id`, cid); err != nil {
 		return nil, dbErr(err)
 	}
@@ -152,24 +151,26 @@ func (s *Store) AddMembers(ctx context.Context, cid, by string, uids []string, m
 			MemberCount int   `db:"member_count"`
 		}
 		if err := tx.GetContext(ctx, &conv,
-			`SELECT last_seq, member_count FROM conversations WHERE id = $1 FOR UPDATE`, cid); err != nil {
+			`SELECT last_seq, member_count FROM conversations WHERE id = $1`+s.d.forUpdate, cid); err != nil {
 			return err
 		}
 		if len(uids) == 0 {
 			return nil
 		}
-		if err := checkUsers(ctx, tx, uids, "user_ids"); err != nil {
+		if err := s.checkUsers(ctx, tx, uids, "user_ids"); err != nil {
 			return err
 		}
+		// WHERE true: SQLite would otherwise parse ON CONFLICT as a join's ON.
 		var rows []memberRow
 		if err := tx.SelectContext(ctx, &rows,
 			`INSERT INTO members (conversation_id, user_id, role, joined_at, last_read_seq)
 			 SELECT $1, u.id, 'member', $3, $4
-			 FROM unnest($2::text[]) WITH ORDINALITY AS u(id, ord)
+			 FROM `+s.d.unnestTexts(2, "u")+`
+			 WHERE true
 			 ORDER BY u.ord
 			 ON CONFLICT (conversation_id, user_id) DO NOTHING
 			 RETURNING `+memberCols,
-			cid, pq.Array(uids), at, conv.LastSeq); err != nil {
+			cid, s.d.texts(uids), at, conv.LastSeq); err != nil {
 			return err
 		}
 		if len(rows) == 0 {
@@ -202,7 +203,7 @@ func (s *Store) AddMembers(ctx context.Context, cid, by string, uids []string, m
 			batch = append(batch, chat.OutboxEvent{ConversationID: cid, Type: chat.EventMemberAdded, Data: data})
 		}
 		var err error
-		evs, err = insertEvents(ctx, tx, at, batch)
+		evs, err = s.insertEvents(ctx, tx, at, batch)
 		return err
 	})
 	if err != nil {
@@ -233,7 +234,7 @@ func (s *Store) SetRole(ctx context.Context, cid, uid string, role chat.Role, by
 		if err != nil {
 			return err
 		}
-		evs, err = insertEvents(ctx, tx, time.Time{}, []chat.OutboxEvent{{ConversationID: cid, Type: chat.EventMemberUpdated, Data: data}})
+		evs, err = s.insertEvents(ctx, tx, time.Time{}, []chat.OutboxEvent{{ConversationID: cid, Type: chat.EventMemberUpdated, Data: data}})
 		return err
 	})
 	if err != nil {
@@ -253,7 +254,7 @@ func (s *Store) RemoveMember(ctx context.Context, cid, uid, by string) (chat.Cha
 		// Conversation first (lock order), which also serialises concurrent
 		// departures, so two owners leaving at once still leave one owner.
 		var one int
-		if err := tx.GetContext(ctx, &one, `SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE`, cid); err != nil {
+		if err := tx.GetContext(ctx, &one, `SELECT 1 FROM conversations WHERE id = $1`+s.d.forUpdate, cid); err != nil {
 			return err
 		}
 		var role string
@@ -294,7 +295,7 @@ func (s *Store) RemoveMember(ctx context.Context, cid, uid, by string) (chat.Cha
 				batch = append(batch, chat.OutboxEvent{ConversationID: cid, Type: chat.EventMemberUpdated, Data: data})
 			}
 		}
-		evs, err = insertEvents(ctx, tx, time.Time{}, batch)
+		evs, err = s.insertEvents(ctx, tx, time.Time{}, batch)
 		return err
 	})
 	if err != nil {
@@ -313,11 +314,11 @@ func (s *Store) SharingWith(ctx context.Context, uid string, others []string) ([
 		return []string{}, nil
 	}
 	var found []string
-	if err := s.db.SelectContext(ctx, &found,
+	if err := s.rdb.SelectContext(ctx, &found,
 		`SELECT DISTINCT o.user_id FROM members o
-		 WHERE o.user_id = ANY($2::text[])
+		 WHERE o.user_id `+s.d.inTexts(2)+`
 		   AND EXISTS (SELECT 1 FROM members me WHERE me.conversation_id = o.conversation_id AND me.user_id = $1)`,
-		uid, pq.Array(others)); err != nil {
+		uid, s.d.texts(others)); err != nil {
 		return nil, dbErr(err)
 	}
 	if slices.Contains(others, uid) && !slices.Contains(found, uid) {
@@ -331,7 +332,7 @@ func (s *Store) SharingWith(ctx context.Context, uid string, others []string) ([
 // members), sorted by id.
 func (s *Store) DirectPeers(ctx context.Context, uid string) ([]string, error) {
 	peers := []string{}
-	if err := s.db.SelectContext(ctx, &peers,
+	if err := s.rdb.SelectContext(ctx, &peers,
 		`SELECT p.user_id
 		 FROM members m
 		 JOIN conversations c ON c.id = m.conversation_id AND c.type = 'direct'

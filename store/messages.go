@@ -1,11 +1,14 @@
 package store
 
 import (
+	"bytes"
 	"context"
 	"database/sql"
 	"encoding/json"
 	"errors"
+	"math/big"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/jmoiron/sqlx"
@@ -48,36 +51,119 @@ func jsonArg(b []byte) any {
 	return string(b)
 }
 
-// replayRow is a stored message found by its idempotency key, with whether
-// it matches the retry. Metadata is compared as jsonb, because jsonb
-// normalises key order and whitespace: a retry that re-serialises the same
-// object differently is the same message.
-type replayRow struct {
-	messageRow
-	Same bool `db:"same"`
-}
-
 // The membership condition keeps a former member from reading back their
 // messages through the idempotency path (G7); they get CodeNotFound from
 // the sequencing UPDATE instead.
 const replaySQL = `
-SELECT ` + messageCols + `,
-       (text = $4 AND metadata IS NOT DISTINCT FROM $5::jsonb) AS same
+SELECT ` + messageCols + `
 FROM messages
 WHERE conversation_id = $1 AND sender_id = $2 AND client_msg_id = $3
   AND EXISTS (SELECT 1 FROM members WHERE conversation_id = $1 AND user_id = $2)`
 
+// replay returns the stored message of m's idempotency key if m is a retry
+// of it: the same text and the same metadata as JSON values (sameJSON), so
+// that a retry that re-serialises the same object differently is the same
+// message. The comparison is here rather than in SQL because only
+// PostgreSQL's jsonb normalises key order; SQLite's json() keeps it.
 func replay(ctx context.Context, q sqlx.QueryerContext, m chat.NewMessage) (chat.Message, error) {
-	var r replayRow
-	if err := sqlx.GetContext(ctx, q, &r, replaySQL,
-		m.ConversationID, m.SenderID, m.ClientMsgID, m.Text, jsonArg(m.Metadata)); err != nil {
+	var r messageRow
+	if err := sqlx.GetContext(ctx, q, &r, replaySQL, m.ConversationID, m.SenderID, m.ClientMsgID); err != nil {
 		return chat.Message{}, err
 	}
-	if !r.Same {
+	if r.Text != m.Text || !sameJSON(r.Metadata, m.Metadata) {
 		return chat.Message{}, chat.Errorf(chat.CodeConflict,
 			"client_msg_id was already used for a different message")
 	}
 	return r.message(), nil
+}
+
+// sameJSON reports whether two JSON documents (empty: none) hold the same
+// value, as jsonb equality does: objects whatever their key order (the last
+// of duplicate keys counts), arrays in order, numbers by value (1, 1.0 and
+// 1e0 are equal, and large integers are compared exactly).
+func sameJSON(a, b []byte) bool {
+	if len(a) == 0 || len(b) == 0 {
+		return len(a) == len(b)
+	}
+	va, err := decodeJSON(a)
+	if err != nil {
+		return false
+	}
+	vb, err := decodeJSON(b)
+	if err != nil {
+		return false
+	}
+	return equalJSON(va, vb)
+}
+
+func decodeJSON(b []byte) (any, error) {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.UseNumber()
+	var v any
+	if err := dec.Decode(&v); err != nil {
+		return nil, err
+	}
+	return v, nil
+}
+
+func equalJSON(a, b any) bool {
+	switch x := a.(type) {
+	case map[string]any:
+		y, ok := b.(map[string]any)
+		if !ok || len(x) != len(y) {
+			return false
+		}
+		for k, xv := range x {
+			yv, ok := y[k]
+			if !ok || !equalJSON(xv, yv) {
+				return false
+			}
+		}
+		return true
+	case []any:
+		y, ok := b.([]any)
+		if !ok || len(x) != len(y) {
+			return false
+		}
+		for i := range x {
+			if !equalJSON(x[i], y[i]) {
+				return false
+			}
+		}
+		return true
+	case json.Number:
+		y, ok := b.(json.Number)
+		if !ok {
+			return false
+		}
+		return x == y || canonicalNumber(string(x)) == canonicalNumber(string(y))
+	default: // string, bool, nil
+		return a == b
+	}
+}
+
+// canonicalNumber writes a JSON number as its significant digits and a
+// power of ten ("-15e-1" for -1.50), so that equal values are equal strings.
+// Exact, and linear in the text: a parse into big.Rat would let "1e999999999"
+// cost a billion-digit power of ten.
+func canonicalNumber(n string) string {
+	sign := ""
+	if rest, ok := strings.CutPrefix(n, "-"); ok {
+		sign, n = "-", rest
+	}
+	mant, exp, _ := strings.Cut(strings.ToLower(n), "e")
+	intPart, frac, _ := strings.Cut(mant, ".")
+	digits := strings.TrimLeft(intPart+frac, "0")
+	if digits == "" {
+		return "0" // -0 and 0e5 are 0
+	}
+	trimmed := strings.TrimRight(digits, "0")
+	e, ok := new(big.Int).SetString(strings.TrimPrefix(exp, "+"), 10)
+	if !ok {
+		e = new(big.Int) // no exponent
+	}
+	e.Add(e, big.NewInt(int64(len(digits)-len(trimmed)-len(frac))))
+	return sign + trimmed + "e" + e.String()
 }
 
 // errReplayed aborts a send whose idempotency key a concurrent retry used first.
@@ -131,7 +217,7 @@ func (s *Store) Send(ctx context.Context, m chat.NewMessage) (chat.Message, bool
 		var r messageRow
 		err = tx.GetContext(ctx, &r,
 			`INSERT INTO messages (conversation_id, seq, id, sender_id, text, metadata, client_msg_id, created_at)
-			 VALUES ($1, $2, $3, $4, $5, $6::jsonb, NULLIF($7, ''), $8)
+			 VALUES ($1, $2, $3, $4, $5, $6`+s.d.jsonb+`, NULLIF($7, ''), $8)
 			 ON CONFLICT (conversation_id, sender_id, client_msg_id) WHERE client_msg_id IS NOT NULL DO NOTHING
 			 RETURNING `+messageCols,
 			m.ConversationID, seq, m.ID, m.SenderID, m.Text, jsonArg(m.Metadata), m.ClientMsgID, m.CreatedAt)
@@ -143,7 +229,7 @@ func (s *Store) Send(ctx context.Context, m chat.NewMessage) (chat.Message, bool
 		}
 		msg = r.message()
 		if _, err := tx.ExecContext(ctx,
-			`UPDATE members SET last_read_seq = GREATEST(last_read_seq, $3)
+			`UPDATE members SET last_read_seq = `+s.d.greatest+`(last_read_seq, $3)
 			 WHERE conversation_id = $1 AND user_id = $2`,
 			m.ConversationID, m.SenderID, seq); err != nil {
 			return err
@@ -152,7 +238,7 @@ func (s *Store) Send(ctx context.Context, m chat.NewMessage) (chat.Message, bool
 		if err != nil {
 			return err
 		}
-		evs, err = insertEvents(ctx, tx, m.CreatedAt, []chat.OutboxEvent{{
+		evs, err = s.insertEvents(ctx, tx, m.CreatedAt, []chat.OutboxEvent{{
 			ConversationID: m.ConversationID,
 			Type:           chat.EventMessageCreated,
 			Seq:            seq,
@@ -164,7 +250,7 @@ func (s *Store) Send(ctx context.Context, m chat.NewMessage) (chat.Message, bool
 		// The transaction is rolled back, so this attempt consumed no seq.
 		// The winner has committed (our INSERT waited for it), so a fresh
 		// statement sees its message.
-		orig, err := replay(ctx, s.db, m)
+		orig, err := replay(ctx, s.rdb, m)
 		if err != nil {
 			return chat.Message{}, false, chat.Changed{}, dbErr(err)
 		}
@@ -199,17 +285,17 @@ func (s *Store) Messages(ctx context.Context, cid string, q chat.HistoryQuery) (
 	)
 	switch {
 	case q.After:
-		err = s.db.SelectContext(ctx, &rows,
+		err = s.rdb.SelectContext(ctx, &rows,
 			`SELECT `+messageCols+` FROM messages
 			 WHERE conversation_id = $1 AND seq > $2 ORDER BY seq LIMIT $3`,
 			cid, q.AfterSeq, limit+1)
 	case q.BeforeSeq > 0:
-		err = s.db.SelectContext(ctx, &rows,
+		err = s.rdb.SelectContext(ctx, &rows,
 			`SELECT `+messageCols+` FROM messages
 			 WHERE conversation_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3`,
 			cid, q.BeforeSeq, limit+1)
 	default:
-		err = s.db.SelectContext(ctx, &rows,
+		err = s.rdb.SelectContext(ctx, &rows,
 			`SELECT `+messageCols+` FROM messages
 			 WHERE conversation_id = $1 ORDER BY seq DESC LIMIT $2`,
 			cid, limit+1)
@@ -234,7 +320,7 @@ func (s *Store) Messages(ctx context.Context, cid string, q chat.HistoryQuery) (
 // Message returns the message at seq; CodeNotFound if there is none.
 func (s *Store) Message(ctx context.Context, cid string, seq int64) (chat.Message, error) {
 	var r messageRow
-	if err := s.db.GetContext(ctx, &r,
+	if err := s.rdb.GetContext(ctx, &r,
 		`SELECT `+messageCols+` FROM messages WHERE conversation_id = $1 AND seq = $2`, cid, seq); err != nil {
 		return chat.Message{}, dbErr(err)
 	}
@@ -250,7 +336,8 @@ const unreadSQL = `SELECT count(*) FROM messages
 // MarkRead moves uid's read position forward to seq. The UPDATE only
 // matches when the position moves and seq is within the conversation, so
 // "moved" needs no read-then-write race; only when it did not match do we
-// look at why.
+// look at why. (A subquery rather than UPDATE … FROM: SQLite's RETURNING
+// cannot name the target through an alias.)
 func (s *Store) MarkRead(ctx context.Context, cid, uid string, seq int64) (chat.ReadState, chat.Changed, error) {
 	if seq < 0 {
 		return chat.ReadState{}, chat.Changed{}, chat.Invalid("seq", "must not be negative")
@@ -261,11 +348,10 @@ func (s *Store) MarkRead(ctx context.Context, cid, uid string, seq int64) (chat.
 	)
 	err := s.inTx(ctx, func(tx *sqlx.Tx) error {
 		err := tx.GetContext(ctx, &st.LastReadSeq,
-			`UPDATE members m SET last_read_seq = $3
-			 FROM conversations c
-			 WHERE c.id = m.conversation_id AND m.conversation_id = $1 AND m.user_id = $2
-			   AND m.last_read_seq < $3 AND $3 <= c.last_seq
-			 RETURNING m.last_read_seq`,
+			`UPDATE members SET last_read_seq = $3
+			 WHERE conversation_id = $1 AND user_id = $2 AND last_read_seq < $3
+			   AND $3 <= (SELECT last_seq FROM conversations WHERE id = $1)
+			 RETURNING last_read_seq`,
 			cid, uid, seq)
 		moved := err == nil
 		if errors.Is(err, sql.ErrNoRows) {
@@ -296,7 +382,7 @@ func (s *Store) MarkRead(ctx context.Context, cid, uid string, seq int64) (chat.
 		if err != nil {
 			return err
 		}
-		evs, err = insertEvents(ctx, tx, time.Time{}, []chat.OutboxEvent{{
+		evs, err = s.insertEvents(ctx, tx, time.Time{}, []chat.OutboxEvent{{
 			ConversationID: cid,
 			Type:           chat.EventReceiptRead,
 			Data:           data,

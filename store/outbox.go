@@ -3,6 +3,7 @@ package store
 import (
 	"cmp"
 	"context"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"slices"
@@ -15,14 +16,14 @@ import (
 )
 
 type outboxRow struct {
-	ID             int64          `db:"id"`
-	ConversationID string         `db:"conversation_id"`
-	Type           string         `db:"type"`
-	Seq            int64          `db:"seq"`
-	Data           []byte         `db:"data"`
-	Recipients     pq.StringArray `db:"recipients"`
-	Extra          pq.StringArray `db:"extra"`
-	CreatedAt      time.Time      `db:"created_at"`
+	ID             int64      `db:"id"`
+	ConversationID string     `db:"conversation_id"`
+	Type           string     `db:"type"`
+	Seq            int64      `db:"seq"`
+	Data           []byte     `db:"data"`
+	Recipients     stringList `db:"recipients"`
+	Extra          stringList `db:"extra"`
+	CreatedAt      time.Time  `db:"created_at"`
 }
 
 func (r outboxRow) event() chat.OutboxEvent {
@@ -59,14 +60,14 @@ type insertedEvent struct {
 
 const outboxCols = `id, conversation_id, type, seq, data, recipients, extra, created_at`
 
-// insertEventsSQL writes any number of events in one round trip (a group
+// insertEventsPostgres writes any number of events in one round trip (a group
 // addition writes one member.added per new member). Arrays cannot nest
 // per row, so each row's recipient lists travel as a JSON array in a text
 // element (empty for none). The ORDER BY makes the ids follow the order of the
 // events, which the dispatcher keeps. created_at is the mutation's own time
 // when it has one ($7), so that the dispatcher's session-cache touches use
 // the same time as conversations.last_activity_at; else the database's.
-const insertEventsSQL = `
+const insertEventsPostgres = `
 INSERT INTO outbox (conversation_id, type, seq, data, recipients, extra, created_at)
 SELECT e.cid, e.type, e.seq, NULLIF(e.data, ''::bytea),
        CASE WHEN e.rcpt = '' THEN NULL ELSE ARRAY(SELECT jsonb_array_elements_text(e.rcpt::jsonb)) END,
@@ -77,29 +78,46 @@ FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[], $5::text[], $6::t
 ORDER BY e.ord
 RETURNING id, created_at`
 
+// insertEventsSQLite is insertEventsPostgres for SQLite, which has neither
+// arrays nor unnest: the events travel as one JSON array of sqliteEvent
+// objects ($1), read by json_each in array order (key). Recipient lists stay
+// JSON arrays (-> returns them as JSON text, NULL when absent); the payload
+// travels in hex so that its bytes are stored exactly. WHERE true: without
+// it SQLite may not parse a SELECT's end in an INSERT. created_at as above ($2).
+const insertEventsSQLite = `
+INSERT INTO outbox (conversation_id, type, seq, data, recipients, extra, created_at)
+SELECT e.value ->> 'cid', e.value ->> 'type', e.value ->> 'seq', unhex(e.value ->> 'data'),
+       e.value -> 'to', e.value -> 'extra',
+       COALESCE($2, ` + sqliteNow + `)
+FROM json_each($1) AS e
+WHERE true
+ORDER BY e.key
+RETURNING id, created_at`
+
+// sqliteEvent is one element of insertEventsSQLite's JSON array.
+type sqliteEvent struct {
+	CID   string   `json:"cid"`
+	Type  string   `json:"type"`
+	Seq   int64    `json:"seq"`
+	Data  string   `json:"data,omitempty"` // hex
+	To    []string `json:"to,omitempty"`
+	Extra []string `json:"extra,omitempty"`
+}
+
 // insertEvents writes evs to the outbox inside tx and returns them with the
 // ids and times the database gave them. at is the time of the mutation; zero
 // when it has none (the database clock stamps the events then).
-func insertEvents(ctx context.Context, tx *sqlx.Tx, at time.Time, evs []chat.OutboxEvent) ([]chat.OutboxEvent, error) {
+func (s *Store) insertEvents(ctx context.Context, tx *sqlx.Tx, at time.Time, evs []chat.OutboxEvent) ([]chat.OutboxEvent, error) {
 	if len(evs) == 0 {
 		return nil, nil
 	}
 	n := len(evs)
-	cids, types, rcpts, extras := make([]string, n), make([]string, n), make([]string, n), make([]string, n)
-	seqs, datas := make([]int64, n), make([][]byte, n)
-	for i, e := range evs {
-		cids[i], types[i], seqs[i], datas[i] = e.ConversationID, string(e.Type), e.Seq, e.Data
-		var err error
-		if rcpts[i], err = jsonList(e.To); err != nil {
-			return nil, err
-		}
-		if extras[i], err = jsonList(e.Extra); err != nil {
-			return nil, err
-		}
+	args, err := s.insertEventsArgs(at, evs)
+	if err != nil {
+		return nil, err
 	}
 	var rows []insertedEvent
-	if err := tx.SelectContext(ctx, &rows, insertEventsSQL,
-		pq.Array(cids), pq.Array(types), pq.Array(seqs), pq.Array(datas), pq.Array(rcpts), pq.Array(extras), timeArg(at)); err != nil {
+	if err := tx.SelectContext(ctx, &rows, s.d.insertEventsSQL, args...); err != nil {
 		return nil, err
 	}
 	if len(rows) != n {
@@ -116,6 +134,37 @@ func insertEvents(ctx context.Context, tx *sqlx.Tx, at time.Time, evs []chat.Out
 		out[i].Extra = nilIfNone(out[i].Extra)
 	}
 	return out, nil
+}
+
+// insertEventsArgs are the arguments of the dialect's insertEventsSQL.
+func (s *Store) insertEventsArgs(at time.Time, evs []chat.OutboxEvent) ([]any, error) {
+	n := len(evs)
+	if s.d.sqlite() {
+		rows := make([]sqliteEvent, n)
+		for i, e := range evs {
+			rows[i] = sqliteEvent{CID: e.ConversationID, Type: string(e.Type), Seq: e.Seq,
+				Data: hex.EncodeToString(e.Data), To: e.To, Extra: e.Extra}
+		}
+		b, err := json.Marshal(rows)
+		if err != nil {
+			return nil, err
+		}
+		return []any{string(b), timeArg(at)}, nil
+	}
+	cids, types, rcpts, extras := make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+	seqs, datas := make([]int64, n), make([][]byte, n)
+	for i, e := range evs {
+		cids[i], types[i], seqs[i], datas[i] = e.ConversationID, string(e.Type), e.Seq, e.Data
+		var err error
+		if rcpts[i], err = jsonList(e.To); err != nil {
+			return nil, err
+		}
+		if extras[i], err = jsonList(e.Extra); err != nil {
+			return nil, err
+		}
+	}
+	return []any{pq.Array(cids), pq.Array(types), pq.Array(seqs), pq.Array(datas), pq.Array(rcpts),
+		pq.Array(extras), timeArg(at)}, nil
 }
 
 // timeArg is NULL for the zero time.
@@ -142,20 +191,20 @@ const DefaultClaimLimit = 100
 // other node holds. FOR UPDATE SKIP LOCKED lets sweepers on several nodes
 // claim disjoint batches at once; the lease (not the row lock, which ends
 // with the statement) keeps others off the claimed rows until it runs out, so
-// a node that dies mid-dispatch only delays its batch.
+// a node that dies mid-dispatch only delays its batch. On SQLite the one
+// UPDATE is atomic under the single writer, which is all SKIP LOCKED adds.
 func (s *Store) ClaimEvents(ctx context.Context, olderThan time.Time, lease time.Duration, limit int) ([]chat.OutboxEvent, error) {
 	if limit <= 0 {
 		limit = DefaultClaimLimit
 	}
 	var rows []outboxRow
 	if err := s.db.SelectContext(ctx, &rows,
-		`UPDATE outbox SET lease_until = now() + $2 * interval '1 microsecond'
+		`UPDATE outbox SET lease_until = `+s.d.plusMicros(s.d.now, "$2")+`
 		 WHERE id IN (
 			SELECT id FROM outbox
-			WHERE created_at < $1 AND lease_until < now()
+			WHERE created_at < $1 AND lease_until < `+s.d.now+`
 			ORDER BY id
-			LIMIT $3
-			FOR UPDATE SKIP LOCKED)
+			LIMIT $3`+s.d.skipLocked+`)
 		 RETURNING `+outboxCols,
 		olderThan, lease.Microseconds(), limit); err != nil {
 		return nil, dbErr(err)
@@ -174,6 +223,6 @@ func (s *Store) EventsDone(ctx context.Context, ids []int64) error {
 	if len(ids) == 0 {
 		return nil
 	}
-	_, err := s.db.ExecContext(ctx, `DELETE FROM outbox WHERE id = ANY($1::bigint[])`, pq.Array(ids))
+	_, err := s.db.ExecContext(ctx, `DELETE FROM outbox WHERE id `+s.d.inInts(1), s.d.ints(ids))
 	return dbErr(err)
 }

@@ -1,13 +1,17 @@
-// Package store is imd's PostgreSQL adapter: it implements chat.Store with
-// sqlx and lib/pq, and it is the only package that knows SQL.
+// Package store is imd's database adapter: it implements chat.Store with
+// sqlx over PostgreSQL (lib/pq, the server mode) or SQLite
+// (modernc.org/sqlite, the embedded mode), and it is the only package that
+// knows SQL. One code path serves both databases; dialect.go isolates the
+// few things they spell differently.
 //
-// PostgreSQL is the source of truth, so the guarantees of DESIGN.md §2 that
-// must survive crashes and races live in its transactions and constraints:
-// a send commits its message, its seq (the conversation row lock orders
-// them, G3) and its outbox event together (G1); an idempotency key is a
-// UNIQUE index (G2); membership is checked inside the writing statement (G7).
-// Every mutation writes the outbox events that describe it in the same
-// transaction, so a node dying after the commit loses no event.
+// The database is the source of truth, so the guarantees of DESIGN.md §2
+// that must survive crashes and races live in its transactions and
+// constraints: a send commits its message, its seq (the conversation row
+// lock orders them on PostgreSQL, the single writer on SQLite, G3) and its
+// outbox event together (G1); an idempotency key is a UNIQUE index (G2);
+// membership is checked inside the writing statement (G7). Every mutation
+// writes the outbox events that describe it in the same transaction, so a
+// node dying after the commit loses no event.
 //
 // Errors leave this package as *chat.Error only (see dbErr): callers never see
 // driver errors, and a database that cannot be reached is CodeUnavailable so
@@ -28,6 +32,8 @@ import (
 
 	"github.com/jmoiron/sqlx"
 	"github.com/lib/pq"
+	"modernc.org/sqlite"
+	sqlite3 "modernc.org/sqlite/lib"
 
 	"imd/chat"
 	"imd/migrations"
@@ -46,15 +52,32 @@ const (
 	DefaultConnMaxIdleTime = 5 * time.Minute
 )
 
-// Store implements chat.Store on PostgreSQL.
+// Store implements chat.Store on PostgreSQL or SQLite.
 type Store struct {
-	db *sqlx.DB
+	d *dialect
+	// db runs transactions and writes; on SQLite it is the one writer
+	// connection. rdb runs reads outside transactions: on PostgreSQL it is
+	// db, on SQLite a pool of read-only connections (see openSQLite).
+	db, rdb *sqlx.DB
 }
 
 // Open connects to databaseURL, checks that the database answers and
-// returns a Store with a pool sized for one node. An unreachable database
-// is CodeUnavailable.
+// returns a Store. The URL selects the database:
+//
+//   - postgres://… or postgresql://… (or a lib/pq key=value string):
+//     PostgreSQL, with a pool sized for one node of several;
+//   - sqlite:<path>, sqlite://<path> or file:<path>: the SQLite database
+//     file at path, created with its directory when missing (see openSQLite).
+//
+// An unreachable database is CodeUnavailable.
 func Open(ctx context.Context, databaseURL string) (*Store, error) {
+	if path, ok := SQLitePath(databaseURL); ok {
+		return openSQLite(ctx, path, sqliteReaders())
+	}
+	if !strings.HasPrefix(databaseURL, "postgres://") && !strings.HasPrefix(databaseURL, "postgresql://") &&
+		!strings.Contains(databaseURL, "=") {
+		return nil, chat.Internal(errUnknownURL)
+	}
 	db, err := sqlx.Open("postgres", databaseURL)
 	if err != nil {
 		return nil, chat.Internal(fmt.Errorf("store: open: %w", err))
@@ -66,31 +89,51 @@ func Open(ctx context.Context, databaseURL string) (*Store, error) {
 		_ = db.Close()
 		return nil, dbErr(err)
 	}
-	return &Store{db: db}, nil
+	return &Store{d: postgresDialect, db: db, rdb: db}, nil
 }
 
 // New wraps an existing pool (of the "postgres" driver).
-func New(db *sqlx.DB) *Store { return &Store{db: db} }
+func New(db *sqlx.DB) *Store { return &Store{d: postgresDialect, db: db, rdb: db} }
 
-// DB returns the pool, for wiring (readiness, migrations) and tests.
+// DB returns the pool that writes (on SQLite, the writer connection), for
+// wiring (readiness, migrations) and tests.
 func (s *Store) DB() *sqlx.DB { return s.db }
 
-// Close closes the pool.
-func (s *Store) Close() error { return s.db.Close() }
+// Dialect names the database: "postgres" or "sqlite".
+func (s *Store) Dialect() string { return s.d.name }
 
-// Migrate applies the pending migrations; safe when several nodes start at once.
+// Close closes the pools.
+func (s *Store) Close() error {
+	err := s.db.Close()
+	if s.rdb != s.db {
+		err = errors.Join(err, s.rdb.Close())
+	}
+	return err
+}
+
+// Migrate applies the pending migrations of the store's dialect; on
+// PostgreSQL safe when several nodes start at once.
 func (s *Store) Migrate(ctx context.Context) error {
-	if err := migrations.Up(ctx, s.db.DB); err != nil {
+	if err := migrations.Up(ctx, s.db.DB, s.d.migrations); err != nil {
 		return dbErr(err)
 	}
 	return nil
 }
 
 // Ping reports whether the database answers (readiness).
-func (s *Store) Ping(ctx context.Context) error { return dbErr(s.db.PingContext(ctx)) }
+func (s *Store) Ping(ctx context.Context) error {
+	if err := s.db.PingContext(ctx); err != nil {
+		return dbErr(err)
+	}
+	if s.rdb != s.db {
+		return dbErr(s.rdb.PingContext(ctx))
+	}
+	return nil
+}
 
-// inTx runs fn in a READ COMMITTED transaction and commits it unless fn
-// fails. Every error comes back mapped by dbErr.
+// inTx runs fn in a transaction and commits it unless fn fails. Every error
+// comes back mapped by dbErr. PostgreSQL: READ COMMITTED. SQLite: the
+// writer connection's BEGIN IMMEDIATE, so transactions run one at a time.
 //
 // Lock order, to keep transactions free of deadlocks: a transaction that
 // writes both a conversations row and members rows locks the conversation
@@ -121,8 +164,24 @@ var conflictMessages = map[string]string{
 	"messages_idempotency_idx":     "client_msg_id already used",
 }
 
+// sqliteUniqueColumns maps the columns a SQLite unique violation names
+// ("UNIQUE constraint failed: users.id") to the PostgreSQL constraint name
+// of the same key (migrations/sqlite mirrors migrations/postgres), so that
+// both dialects share conflictMessages.
+var sqliteUniqueColumns = map[string]string{
+	"users.id":                   "users_pkey",
+	"tokens.id":                  "tokens_pkey",
+	"tokens.secret_hash":         "tokens_secret_hash_key",
+	"stream_tickets.secret_hash": "stream_tickets_pkey",
+	"conversations.id":           "conversations_pkey",
+	"conversations.direct_key":   "conversations_direct_key_key",
+	"messages.id":                "messages_id_key",
+	"messages.conversation_id, messages.sender_id, messages.client_msg_id": "messages_idempotency_idx",
+}
+
 // foreignKeyFields name the input field behind a foreign-key violation, by
-// constraint name.
+// constraint name. SQLite does not say which foreign key failed, so there
+// the field is "id".
 var foreignKeyFields = map[string]string{
 	"tokens_user_id_fkey":           "user_id",
 	"stream_tickets_user_id_fkey":   "user_id",
@@ -170,7 +229,40 @@ func dbErr(err error) error {
 			return &chat.Error{Code: chat.CodeInvalid, Message: "invalid value", Err: err}
 		}
 	}
+	if se, ok := errors.AsType[*sqlite.Error](err); ok {
+		switch se.Code() {
+		case sqlite3.SQLITE_CONSTRAINT_UNIQUE, sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY:
+			msg, ok := conflictMessages[sqliteUniqueColumns[sqliteConstraintDetail(se)]]
+			if !ok {
+				msg = "already exists"
+			}
+			return &chat.Error{Code: chat.CodeConflict, Message: msg, Err: err}
+		case sqlite3.SQLITE_CONSTRAINT_FOREIGNKEY:
+			e := chat.Invalid("id", "unknown id")
+			e.Err = err
+			return e
+		case sqlite3.SQLITE_CONSTRAINT_CHECK, sqlite3.SQLITE_TOOBIG, sqlite3.SQLITE_MISMATCH:
+			// As the PostgreSQL codes above: a kind or role outside its set,
+			// metadata that is not JSON (json_valid), a value too big.
+			return &chat.Error{Code: chat.CodeInvalid, Message: "invalid value", Err: err}
+		}
+	}
 	return chat.Internal(err)
+}
+
+// sqliteConstraintDetail is what a SQLite constraint error says failed: the
+// columns of a unique key ("users.id"), a CHECK's name or expression.
+func sqliteConstraintDetail(se *sqlite.Error) string {
+	msg := se.Error()
+	_, detail, ok := strings.Cut(msg, " constraint failed: ")
+	if !ok {
+		return ""
+	}
+	// The driver appends the result code: "… users.id (2067)".
+	if i := strings.LastIndex(detail, " ("); i >= 0 {
+		detail = detail[:i]
+	}
+	return detail
 }
 
 // unavailable reports errors that mean "the database cannot be reached or
@@ -198,6 +290,18 @@ func unavailable(err error) bool {
 			pe.Code.Class() == "53",                                    // insufficient resources (too many connections, disk full)
 			pe.Code == "57P01", pe.Code == "57P02", pe.Code == "57P03", // shutdown, crash, starting up
 			pe.Code == "57014": // query canceled (statement timeout or cancelled request)
+			return true
+		}
+	}
+	if se, ok := errors.AsType[*sqlite.Error](err); ok {
+		// By primary code (an extended code's low byte): a lock held by
+		// another connection beyond busy_timeout (BUSY, LOCKED), a cancelled
+		// or timed-out request (INTERRUPT), the disk or the file (IOERR,
+		// FULL, CANTOPEN), memory, a lock protocol failure.
+		switch se.Code() & 0xff {
+		case sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_INTERRUPT,
+			sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_CANTOPEN,
+			sqlite3.SQLITE_NOMEM, sqlite3.SQLITE_PROTOCOL:
 			return true
 		}
 	}

@@ -5,6 +5,8 @@ import (
 	"database/sql"
 	"time"
 
+	"github.com/jmoiron/sqlx"
+
 	"imd/chat"
 )
 
@@ -55,7 +57,7 @@ func (s *Store) CreateToken(ctx context.Context, t chat.Token, secretHash []byte
 // and revocation.
 func (s *Store) TokenByHash(ctx context.Context, secretHash []byte) (chat.Token, error) {
 	var r tokenRow
-	if err := s.db.GetContext(ctx, &r,
+	if err := s.rdb.GetContext(ctx, &r,
 		`SELECT `+tokenCols+` FROM tokens WHERE secret_hash = $1`, secretHash); err != nil {
 		return chat.Token{}, dbErr(err)
 	}
@@ -66,7 +68,7 @@ func (s *Store) TokenByHash(ctx context.Context, secretHash []byte) (chat.Token,
 // token they were opened with).
 func (s *Store) TokenByID(ctx context.Context, id string) (chat.Token, error) {
 	var r tokenRow
-	if err := s.db.GetContext(ctx, &r, `SELECT `+tokenCols+` FROM tokens WHERE id = $1`, id); err != nil {
+	if err := s.rdb.GetContext(ctx, &r, `SELECT `+tokenCols+` FROM tokens WHERE id = $1`, id); err != nil {
 		return chat.Token{}, dbErr(err)
 	}
 	return r.token(), nil
@@ -76,10 +78,10 @@ func (s *Store) TokenByID(ctx context.Context, id string) (chat.Token, error) {
 // newest first. Expiry is judged by the database clock: the port gives no time.
 func (s *Store) Tokens(ctx context.Context, userID string, kind chat.TokenKind) ([]chat.Token, error) {
 	var rows []tokenRow
-	if err := s.db.SelectContext(ctx, &rows,
+	if err := s.rdb.SelectContext(ctx, &rows,
 		`SELECT `+tokenCols+` FROM tokens
 		 WHERE user_id = $1 AND kind = $2 AND revoked_at IS NULL
-		   AND (expires_at IS NULL OR expires_at > now())
+		   AND (expires_at IS NULL OR expires_at > `+s.d.now+`)
 		 ORDER BY created_at DESC, id DESC`,
 		userID, string(kind)); err != nil {
 		return nil, dbErr(err)
@@ -101,29 +103,35 @@ func (s *Store) RevokeToken(ctx context.Context, userID, tokenID string, at time
 }
 
 // TouchToken records a use of the token. GREATEST keeps last_used_at from
-// moving back when requests of one token finish out of order.
+// moving back when requests of one token finish out of order (COALESCE:
+// SQLite's MAX is NULL when an argument is, PostgreSQL's GREATEST ignores it).
 func (s *Store) TouchToken(ctx context.Context, tokenID string, at time.Time) error {
 	res, err := s.db.ExecContext(ctx,
-		`UPDATE tokens SET last_used_at = GREATEST(last_used_at, $2) WHERE id = $1`, tokenID, at)
+		`UPDATE tokens SET last_used_at = `+s.d.greatest+`(COALESCE(last_used_at, $2), $2) WHERE id = $1`, tokenID, at)
 	return affected(res, err)
 }
 
 // ticketPurgeAge is how long past its expiry an unused ticket is kept: long
 // enough that a database clock ahead of the nodes' never purges a ticket a
 // node still accepts, short enough that abandoned tickets do not pile up.
-const ticketPurgeAge = "1 hour"
+const ticketPurgeAge = time.Hour
 
 // CreateTicket stores a single-use stream ticket, and purges tickets that
 // expired long ago and were never used (the table has no other cleanup).
+// Two statements in one transaction: SQLite has no DELETE inside a WITH.
 func (s *Store) CreateTicket(ctx context.Context, secretHash []byte, p chat.Principal, expiresAt time.Time) error {
-	_, err := s.db.ExecContext(ctx,
-		`WITH purge AS (
-			DELETE FROM stream_tickets WHERE expires_at < now() - interval '`+ticketPurgeAge+`'
-		)
-		INSERT INTO stream_tickets (secret_hash, user_id, token_id, expires_at)
-		VALUES ($1, $2, NULLIF($3, ''), $4)`,
-		secretHash, p.UserID, p.TokenID, expiresAt)
-	return dbErr(err)
+	return s.inTx(ctx, func(tx *sqlx.Tx) error {
+		if _, err := tx.ExecContext(ctx,
+			`DELETE FROM stream_tickets WHERE expires_at < `+s.d.plusMicros(s.d.now, "$1"),
+			-ticketPurgeAge.Microseconds()); err != nil {
+			return err
+		}
+		_, err := tx.ExecContext(ctx,
+			`INSERT INTO stream_tickets (secret_hash, user_id, token_id, expires_at)
+			 VALUES ($1, $2, NULLIF($3, ''), $4)`,
+			secretHash, p.UserID, p.TokenID, expiresAt)
+		return err
+	})
 }
 
 // ConsumeTicket deletes the ticket and returns its principal: a DELETE ...

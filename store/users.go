@@ -6,8 +6,6 @@ import (
 	"slices"
 	"time"
 
-	"github.com/lib/pq"
-
 	"imd/chat"
 )
 
@@ -42,7 +40,7 @@ func (s *Store) CreateUser(ctx context.Context, u chat.User) error {
 // User returns one user; CodeNotFound if there is none.
 func (s *Store) User(ctx context.Context, id string) (chat.User, error) {
 	var r userRow
-	if err := s.db.GetContext(ctx, &r, `SELECT `+userCols+` FROM users WHERE id = $1`, id); err != nil {
+	if err := s.rdb.GetContext(ctx, &r, `SELECT `+userCols+` FROM users WHERE id = $1`, id); err != nil {
 		return chat.User{}, dbErr(err)
 	}
 	return r.user(), nil
@@ -52,8 +50,8 @@ func (s *Store) User(ctx context.Context, id string) (chat.User, error) {
 func (s *Store) Users(ctx context.Context, ids []string) ([]chat.User, error) {
 	ids = dedupe(ids)
 	var rows []userRow
-	if err := s.db.SelectContext(ctx, &rows,
-		`SELECT `+userCols+` FROM users WHERE id = ANY($1::text[])`, pq.Array(ids)); err != nil {
+	if err := s.rdb.SelectContext(ctx, &rows,
+		`SELECT `+userCols+` FROM users WHERE id `+s.d.inTexts(1), s.d.texts(ids)); err != nil {
 		return nil, dbErr(err)
 	}
 	out := make([]chat.User, 0, len(rows))

@@ -1,6 +1,7 @@
 // Package storetest is the conformance suite of the chat.Store port: the
-// behaviour every implementation must have, PostgreSQL today and the planned
-// embedded SQLite store later (DESIGN.md §3, §6: one suite per port, as in
+// behaviour every implementation must have: the store package over
+// PostgreSQL (store_test.go) and over SQLite, the embedded mode
+// (sqlite_test.go) (DESIGN.md §3, §6: one suite per port, as in
 // centrifuge). It uses nothing but the chat.Store interface, so that a test
 // failing here is a difference in behaviour, never in implementation.
 //
