@@ -42,7 +42,11 @@ func writeError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err er
 	if !ok {
 		status = http.StatusInternalServerError
 	}
-	if status >= 500 {
+	switch {
+	case r.Context().Err() != nil:
+		// The client went away; nobody reads this answer and it is not a server fault.
+		log.Debug("request canceled", "method", r.Method, "path", r.URL.Path, "err", err)
+	case status >= 500:
 		log.Error("request failed", "method", r.Method, "path", r.URL.Path, "code", e.Code, "err", err)
 	}
 	if e.Code == chat.CodeRateLimited {

@@ -37,6 +37,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -181,14 +182,23 @@ type scriptCall struct {
 // Redis flushes its script cache) are loaded and just those calls re-run:
 // a NOSCRIPT reply means the call did not execute. Each command carries its
 // own error; the returned error is the first one other than redis.Nil.
+// maxPipeline bounds the script calls sent in one pipeline: at ~10 µs per
+// recipient script, 256 calls take a few milliseconds, well inside the read
+// timeout even on a loaded Redis.
+const maxPipeline = 256
+
 func (r *Redis) runScripts(ctx context.Context, s *redis.Script, calls []scriptCall) ([]*redis.Cmd, error) {
 	cmds := make([]*redis.Cmd, len(calls))
 	run := func(idx []int) {
-		pipe := r.rdb.Pipeline()
-		for _, i := range idx {
-			cmds[i] = s.EvalSha(ctx, pipe, calls[i].keys, calls[i].args...)
+		// The read timeout covers a whole pipeline, so a large fan-out is
+		// sent as several pipelines of bounded size.
+		for chunk := range slices.Chunk(idx, maxPipeline) {
+			pipe := r.rdb.Pipeline()
+			for _, i := range chunk {
+				cmds[i] = s.EvalSha(ctx, pipe, calls[i].keys, calls[i].args...)
+			}
+			_, _ = pipe.Exec(ctx) // errors stay on the commands
 		}
-		_, _ = pipe.Exec(ctx) // errors stay on the commands
 	}
 	all := make([]int, len(calls))
 	for i := range all {
