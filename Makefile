@@ -1,5 +1,5 @@
 # Thin aliases; scripts/test and scripts/run are the real entry points.
-.PHONY: test run generate lint
+.PHONY: test run generate lint bench
 
 test:
 	scripts/test
@@ -19,3 +19,14 @@ lint:
 		if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then npm ci --no-audit --no-fund; fi; \
 		npx --no-install redocly lint openapi.yaml; \
 	fi
+
+# The load tool (cmd/imbench) against a running imd, every scenario once:
+#   make bench BENCH_URL=http://127.0.0.1:8080 IMD_ADMIN_TOKEN=... BENCH_FLAGS='--duration 10s'
+# One JSON line per scenario on stdout; fails if any scenario failed.
+BENCH_URL ?= http://127.0.0.1:8080
+BENCH_SCENARIOS ?= fanout dm hot idle reconnect
+bench:
+	@go build -o .local/imbench ./cmd/imbench
+	@status=0; for s in $(BENCH_SCENARIOS); do \
+		.local/imbench --url $(BENCH_URL) --scenario $$s $(BENCH_FLAGS) || status=1; \
+	done; exit $$status
