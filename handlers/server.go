@@ -8,11 +8,14 @@ package handlers
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net/http"
 	"runtime/debug"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -35,6 +38,12 @@ type Config struct {
 	CookieSecure bool
 	// SpecYAML is openapi.yaml, served at /openapi.yaml.
 	SpecYAML []byte
+	// Web client (issue 5; see web.go). Web holds the browser client's
+	// files, served at /, /docs and /assets/ (nil: not served).
+	// CORSOrigins are the origins of browser apps allowed to call the API
+	// cross-origin; "*" admits any origin, without credentials.
+	Web         fs.FS
+	CORSOrigins []string
 }
 
 // DefaultMaxBodyBytes is API.md's request body limit.
@@ -49,6 +58,8 @@ type Server struct {
 	validator *validator
 	csrf      *http.CrossOriginProtection
 	metrics   *metrics
+	web       staticSite                      // the browser client (web.go); nil: none
+	cors      func(http.Handler) http.Handler // nil: no CORS configured
 
 	// streams ends every open event stream on shutdown, before
 	// http.Server.Shutdown, which would otherwise wait for them forever.
@@ -75,6 +86,9 @@ func New(svc *chat.Service, cfg Config, log *slog.Logger, reg prometheus.Registe
 	s := &Server{svc: svc, cfg: cfg, log: log, security: securityOf(doc), validator: v,
 		csrf: http.NewCrossOriginProtection(), metrics: newMetrics(reg)}
 	s.streams, s.closeStreams = context.WithCancel(context.Background())
+	if err := s.initWeb(); err != nil { // browser client and CORS (web.go)
+		return nil, err
+	}
 	return s, nil
 }
 
@@ -92,15 +106,27 @@ func (s *Server) CloseStreams() {
 func (s *Server) Handler() http.Handler {
 	r := chi.NewRouter()
 	r.Use(s.recoverer, s.metrics.middleware, s.limitBody)
+	if s.cors != nil {
+		r.Use(s.cors) // CORS for the listed origins; answers preflights (web.go)
+	}
 	r.NotFound(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, s.log, chat.Errorf(chat.CodeNotFound, "no such route"))
 	})
-	r.MethodNotAllowed(func(w http.ResponseWriter, r *http.Request) {
+	r.MethodNotAllowed(func(w http.ResponseWriter, req *http.Request) {
+		// RFC 9110: a 405 lists the methods the resource has.
+		var allow []string
+		for _, m := range []string{http.MethodGet, http.MethodPost, http.MethodPut, http.MethodPatch, http.MethodDelete} {
+			if r.Match(chi.NewRouteContext(), m, req.URL.Path) {
+				allow = append(allow, m)
+			}
+		}
+		w.Header().Set("Allow", strings.Join(allow, ", "))
 		writeProblem(w, problem{Type: "about:blank", Title: "Method Not Allowed", Status: http.StatusMethodNotAllowed,
 			Detail: "method not allowed on this route", Code: chat.CodeInvalid})
 	})
 	r.Get("/v1/events", s.events)
 	r.Get("/openapi.yaml", s.openapi)
+	s.mountWeb(r) // the browser client: /, /docs, /assets/* (web.go)
 	r.Method(http.MethodGet, "/metrics", s.metrics.handler())
 
 	strict := api.NewStrictHandlerWithOptions(s, nil, api.StrictHTTPServerOptions{
@@ -119,11 +145,40 @@ func (s *Server) Handler() http.Handler {
 		BaseRouter: r,
 		// The last middleware runs first: authenticate, then validate.
 		Middlewares: []api.MiddlewareFunc{s.validate, s.authenticate},
+		// The generated wrapper binds parameters before the middlewares run:
+		// still answer 401 before 400, and name the parameter without the
+		// parser's internals.
 		ErrorHandlerFunc: func(w http.ResponseWriter, r *http.Request, err error) {
-			writeError(w, r, s.log, chat.Invalid("request", err.Error()))
+			s.authenticate(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				writeError(w, r, s.log, paramError(err))
+			})).ServeHTTP(w, r)
 		},
 	})
 	return r
+}
+
+// paramError names the parameter the generated wrapper could not bind.
+func paramError(err error) error {
+	var (
+		format    *api.InvalidParamFormatError
+		unmarshal *api.UnmarshalingParamError
+		required  *api.RequiredParamError
+		header    *api.RequiredHeaderError
+		many      *api.TooManyValuesForParamError
+	)
+	switch {
+	case errors.As(err, &format):
+		return chat.Invalid(format.ParamName, "has an invalid format")
+	case errors.As(err, &unmarshal):
+		return chat.Invalid(unmarshal.ParamName, "has an invalid format")
+	case errors.As(err, &required):
+		return chat.Invalid(required.ParamName, "is required")
+	case errors.As(err, &header):
+		return chat.Invalid(header.ParamName, "is required")
+	case errors.As(err, &many):
+		return chat.Invalid(many.ParamName, "must be given once")
+	}
+	return chat.Invalid("request", "invalid parameters")
 }
 
 func (s *Server) openapi(w http.ResponseWriter, r *http.Request) {

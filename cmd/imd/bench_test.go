@@ -8,14 +8,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"imd/internal/testenv"
 )
 
 // BenchmarkGroupFanout200 measures group fan-out on one node: 200 members,
@@ -158,20 +157,20 @@ func BenchmarkGroupFanout200(b *testing.B) {
 	b.ReportMetric(float64(lat[len(lat)-1])/1e6, "max_ms")
 }
 
-// benchStartNode runs one node on a fresh schema and key prefix like the
-// harness's startServer, for a testing.TB, and stops it at cleanup.
+// benchStartNode runs one node on a fresh schema and key prefix (or, in the
+// embedded test mode, a fresh data directory) like the harness's
+// startServer, for a testing.TB, and stops it at cleanup.
 func benchStartNode(tb testing.TB) string {
 	tb.Helper()
 	env := map[string]string{
 		"IMD_ADDR":          "127.0.0.1:0",
-		"DATABASE_URL":      testenv.DatabaseURL(tb),
-		"REDIS_URL":         testenv.RedisURL(tb),
-		"IMD_REDIS_PREFIX":  testenv.KeyPrefix(tb),
 		"IMD_ADMIN_TOKEN":   testAdminToken,
 		"IMD_COOKIE_SECURE": "false",
 		"IMD_SEND_RATE":     "0",
 		"IMD_LOG_LEVEL":     "error",
 	}
+	// PostgreSQL + Redis, or embedded with IMD_TEST_MODE=embedded (harness_test.go).
+	maps.Copy(env, testModeEnv(tb))
 	ctx, cancel := context.WithCancel(context.Background())
 	urlc := make(chan string, 1)
 	done := make(chan error, 1)
