@@ -145,7 +145,7 @@ type Outbox interface {
 	EventsDone(ctx context.Context, ids []int64) error
 }
 
-// Store is the PostgreSQL port: the source of truth.
+// Store is the source of truth: PostgreSQL, or SQLite in the embedded mode.
 type Store interface {
 	UserStore
 	TokenStore

@@ -62,6 +62,7 @@ type config struct {
 	logCap       int
 	logTTL       time.Duration
 	corsOrigins  []string // browser apps on other origins (handlers/web.go)
+	pprofAddr    string   // profiling listener; empty: off
 }
 
 func parseConfig(cmd string, args []string, getenv func(string) string, stderr io.Writer) (config, error) {
@@ -100,6 +101,8 @@ func parseConfig(cmd string, args []string, getenv func(string) string, stderr i
 	num(&c.maxTextBytes, "max-text-bytes", "IMD_MAX_TEXT_BYTES", chat.DefaultMaxTextBytes, "largest message text in bytes")
 	num(&c.logCap, "log-cap", "IMD_LOG_CAP", realtime.DefaultLogCap, "events kept per user for resume")
 	str(&c.logLevel, "log-level", "IMD_LOG_LEVEL", "info", "debug, info, warn or error")
+	str(&c.pprofAddr, "pprof-addr", "IMD_PPROF_ADDR", "",
+		"serve Go profiles (/debug/pprof/) on this separate address, e.g. 127.0.0.1:6060; empty: off")
 	var corsOrigins string
 	str(&corsOrigins, "cors-origins", "IMD_CORS_ORIGINS", "",
 		"comma-separated origins (scheme://host[:port]) of browser apps allowed to call the API, with credentials; * allows any origin without credentials")

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"path/filepath"
 	"time"
 
@@ -136,6 +137,14 @@ func serve(ctx context.Context, cfg config, st *store.Store, log *slog.Logger, s
 	}
 	bg, stopBg := context.WithCancel(context.WithoutCancel(ctx))
 	svc.Start(bg)
+	if cfg.pprofAddr != "" {
+		_, stop, err := servePprof(cfg.pprofAddr, log)
+		if err != nil {
+			stopBg()
+			return err
+		}
+		defer stop()
+	}
 
 	url := "http://" + displayAddr(ln.Addr())
 	fmt.Fprintf(stdout, "imd: listening on %s\n", url)
@@ -174,4 +183,24 @@ func displayAddr(a net.Addr) string {
 		return fmt.Sprintf("localhost:%d", tcp.Port)
 	}
 	return tcp.String()
+}
+
+// servePprof serves the Go profiler on its own listener, never on the public
+// one: profiles expose internals and cost CPU, so they are opt-in and meant
+// for a loopback address.
+func servePprof(addr string, log *slog.Logger) (bound string, stop func(), err error) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return "", nil, fmt.Errorf("pprof: %w", err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = srv.Serve(ln) }()
+	log.Info("profiling enabled", "addr", ln.Addr().String())
+	return ln.Addr().String(), func() { _ = srv.Close() }, nil
 }
