@@ -16,9 +16,9 @@ import (
 const (
 	// retryMillis is the reconnect delay EventSource uses after a drop.
 	retryMillis = 2000
-	// writeTimeout bounds one write to a stream: a client that does not read
+	// DefaultStreamWriteTimeout bounds one write to a stream: a client that does not read
 	// for this long is disconnected instead of buffered for (DESIGN.md §6).
-	writeTimeout = 10 * time.Second
+	DefaultStreamWriteTimeout = 10 * time.Second
 	maxPollWait  = 60
 )
 
@@ -121,7 +121,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, p chat.Principal
 	s.metrics.streams.Inc()
 	defer s.metrics.streams.Dec()
 
-	sink := &sseSink{w: w, rc: http.NewResponseController(w)}
+	sink := &sseSink{w: w, rc: http.NewResponseController(w), timeout: s.cfg.StreamWriteTimeout}
 	err := s.svc.Stream(ctx, p, lastID, sink)
 	if !sink.started {
 		if err == nil {
@@ -138,6 +138,7 @@ func (s *Server) stream(w http.ResponseWriter, r *http.Request, p chat.Principal
 // sseSink writes SSE frames. Only the stream's goroutine uses it. Headers go
 // out with the first write, so an error before it can still be a problem+json.
 type sseSink struct {
+	timeout time.Duration
 	w       http.ResponseWriter
 	rc      *http.ResponseController
 	started bool
@@ -184,7 +185,7 @@ func (k *sseSink) Ping() error {
 
 func (k *sseSink) flush() error {
 	// The server's WriteTimeout must not kill long streams; each write gets its own deadline.
-	_ = k.rc.SetWriteDeadline(time.Now().Add(writeTimeout))
+	_ = k.rc.SetWriteDeadline(time.Now().Add(k.timeout))
 	_, err := k.w.Write(k.buf.Bytes())
 	k.buf.Reset()
 	if err != nil {

@@ -36,6 +36,9 @@ type Config struct {
 	// CookieSecure marks the session cookie Secure; on by default, off only
 	// for plain-HTTP development.
 	CookieSecure bool
+	// StreamWriteTimeout bounds each write to an event stream; a client that
+	// reads nothing for this long is disconnected (it resumes from its log).
+	StreamWriteTimeout time.Duration
 	// SpecYAML is openapi.yaml, served at /openapi.yaml.
 	SpecYAML []byte
 	// Web client (issue 5; see web.go). Web holds the browser client's
@@ -74,6 +77,9 @@ var _ api.StrictServerInterface = (*Server)(nil)
 func New(svc *chat.Service, cfg Config, log *slog.Logger, reg prometheus.Registerer) (*Server, error) {
 	if cfg.MaxBodyBytes == 0 {
 		cfg.MaxBodyBytes = DefaultMaxBodyBytes
+	}
+	if cfg.StreamWriteTimeout == 0 {
+		cfg.StreamWriteTimeout = DefaultStreamWriteTimeout
 	}
 	doc, err := api.GetSwagger()
 	if err != nil {

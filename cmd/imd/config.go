@@ -63,6 +63,7 @@ type config struct {
 	logTTL       time.Duration
 	corsOrigins  []string // browser apps on other origins (handlers/web.go)
 	pprofAddr    string   // profiling listener; empty: off
+	streamWrite  time.Duration
 }
 
 func parseConfig(cmd string, args []string, getenv func(string) string, stderr io.Writer) (config, error) {
@@ -108,15 +109,19 @@ func parseConfig(cmd string, args []string, getenv func(string) string, stderr i
 		"comma-separated origins (scheme://host[:port]) of browser apps allowed to call the API, with credentials; * allows any origin without credentials")
 	secure := getenv("IMD_COOKIE_SECURE") != "false"
 	fs.BoolVar(&c.cookieSecure, "cookie-secure", secure, "mark the session cookie Secure (turn off only for plain-HTTP development) ($IMD_COOKIE_SECURE)")
-	ttl := realtime.DefaultLogTTL
-	if v := getenv("IMD_LOG_TTL"); v != "" {
-		d, err := time.ParseDuration(v)
-		if err != nil {
-			intErr = errors.Join(intErr, fmt.Errorf("IMD_LOG_TTL: %q is not a duration", v))
+	dur := func(p *time.Duration, name, env string, def time.Duration, usage string) {
+		if v := getenv(env); v != "" {
+			d, err := time.ParseDuration(v)
+			if err != nil {
+				intErr = errors.Join(intErr, fmt.Errorf("%s: %q is not a duration", env, v))
+			}
+			def = d
 		}
-		ttl = d
+		fs.DurationVar(p, name, def, usage+" ($"+env+")")
 	}
-	fs.DurationVar(&c.logTTL, "log-ttl", ttl, "how long events are kept per user for resume ($IMD_LOG_TTL)")
+	dur(&c.logTTL, "log-ttl", "IMD_LOG_TTL", realtime.DefaultLogTTL, "how long events are kept per user for resume")
+	dur(&c.streamWrite, "stream-write-timeout", "IMD_STREAM_WRITE_TIMEOUT", handlers.DefaultStreamWriteTimeout,
+		"disconnect an event stream whose client reads nothing for this long")
 	if err := fs.Parse(args); err != nil {
 		return c, err
 	}
@@ -168,7 +173,7 @@ func (c config) service() chat.Config {
 
 func (c config) http(spec []byte) handlers.Config {
 	return handlers.Config{AdminToken: c.adminToken, CookieSecure: c.cookieSecure, SpecYAML: spec,
-		Web: web.Files, CORSOrigins: c.corsOrigins}
+		Web: web.Files, CORSOrigins: c.corsOrigins, StreamWriteTimeout: c.streamWrite}
 }
 
 func (c config) realtime() realtime.Config {
