@@ -31,6 +31,9 @@ import (
 //   - id lists (= ANY($n::text[]) with pq.Array): [dialect.inTexts],
 //     [dialect.inInts], [dialect.unnestTexts] and their arguments
 //     [dialect.texts], [dialect.ints]; SQLite reads a JSON array with json_each;
+//   - tables of rows (a batch of sends): VALUES lists of parameters, the same
+//     text on both but for PostgreSQL's casts ([dialect.values],
+//     [dialect.valueRows]);
 //   - the database clock and interval arithmetic: now, [dialect.plusMicros];
 //   - GREATEST, which SQLite spells as the two-argument MAX; MAX is NULL if
 //     an argument is, GREATEST ignores NULLs, so callers COALESCE nullable
@@ -44,7 +47,8 @@ import (
 //     on both, because SQLite's json() keeps key order;
 //   - SQL both accept, chosen over the PostgreSQL-only form: substr/length
 //     instead of split_part (viewSQL), a subquery instead of UPDATE … FROM
-//     (MarkRead), two statements instead of a DELETE in a WITH
+//     where RETURNING names the target (MarkRead; UPDATE … FROM without
+//     RETURNING is fine, sendBatch), two statements instead of a DELETE in a WITH
 //     (CreateTicket), "WHERE true" before an INSERT … SELECT's ON CONFLICT;
 //   - outbox rows: insertEvents has one statement per dialect (unnest of
 //     parallel arrays / json_each of one JSON array), and recipient lists come
@@ -155,6 +159,61 @@ func jsonArray[T any](vs []T) string {
 		panic(err)
 	}
 	return string(b)
+}
+
+// valueRows is n rows of len(types) parameters, numbered from $1 row by row,
+// for a VALUES list: "($1, $2::bigint), ($3, $4::bigint)". A type casts its
+// column's parameters on PostgreSQL, where a VALUES column takes its type
+// from its values and a bare parameter would be text; SQLite has no such
+// casts and needs none. "" leaves a parameter bare (text, or typed by an
+// INSERT's target column).
+//
+// VALUES lists carry the rows of the batched send (sendBatch): the drivers
+// bind each value natively, so every byte of a text arrives as given and
+// each dialect's usual errors come back for bad values, and one statement
+// text serves both databases. At most MaxSendBatch rows of 8 parameters:
+// far below the limits (PostgreSQL 65,535, SQLite 32,766 parameters).
+func (d *dialect) valueRows(n int, types ...string) string {
+	var b strings.Builder
+	p := 1
+	for i := range n {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteByte('(')
+		for j, typ := range types {
+			if j > 0 {
+				b.WriteString(", ")
+			}
+			b.WriteString("$" + strconv.Itoa(p))
+			p++
+			if typ != "" && !d.sqlite() {
+				b.WriteString("::" + typ)
+			}
+		}
+		b.WriteByte(')')
+	}
+	return b.String()
+}
+
+// values is a table alias(names…) of n rows of parameters (valueRows); a
+// column is "name" or "name type". Both databases name a VALUES list's
+// columns column1, column2…, which the subquery renames (SQLite has no
+// column aliases after a table alias).
+func (d *dialect) values(n int, alias string, cols ...string) string {
+	types := make([]string, len(cols))
+	var b strings.Builder
+	b.WriteString("(SELECT ")
+	for j, col := range cols {
+		name, typ, _ := strings.Cut(col, " ")
+		types[j] = typ
+		if j > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteString("column" + strconv.Itoa(j+1) + " AS " + name)
+	}
+	b.WriteString(" FROM (VALUES " + d.valueRows(n, types...) + ") AS " + alias + "_rows) AS " + alias)
+	return b.String()
 }
 
 // plusMicros is the time t plus micros microseconds (both SQL expressions).
@@ -284,7 +343,7 @@ func openSQLite(ctx context.Context, path string, readers int) (*Store, error) {
 		return nil, dbErr(err)
 	}
 	if readers <= 0 {
-		return &Store{d: sqliteDialect, db: w, rdb: w}, nil
+		return newStore(sqliteDialect, w, w), nil
 	}
 	r, err := sqlx.Open("sqlite", sqliteDSN(path, true))
 	if err != nil {
@@ -299,7 +358,7 @@ func openSQLite(ctx context.Context, path string, readers int) (*Store, error) {
 		_ = w.Close()
 		return nil, dbErr(err)
 	}
-	return &Store{d: sqliteDialect, db: w, rdb: r}, nil
+	return newStore(sqliteDialect, w, r), nil
 }
 
 // sqliteDSN is the modernc.org/sqlite data source for path: the pragmas are

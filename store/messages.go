@@ -42,6 +42,11 @@ func (r messageRow) message() chat.Message {
 
 const messageCols = `id, conversation_id, seq, sender_id, text, metadata, client_msg_id, created_at`
 
+// prefixed qualifies each of a list of columns ("a, b") with prefix ("m.").
+func prefixed(prefix, cols string) string {
+	return prefix + strings.ReplaceAll(cols, ", ", ", "+prefix)
+}
+
 // jsonArg passes a JSON document as text: lib/pq would send []byte as bytea,
 // which a ::jsonb cast rejects. Empty is SQL NULL.
 func jsonArg(b []byte) any {
@@ -51,30 +56,18 @@ func jsonArg(b []byte) any {
 	return string(b)
 }
 
-// The membership condition keeps a former member from reading back their
-// messages through the idempotency path (G7); they get CodeNotFound from
-// the sequencing UPDATE instead.
-const replaySQL = `
-SELECT ` + messageCols + `
-FROM messages
-WHERE conversation_id = $1 AND sender_id = $2 AND client_msg_id = $3
-  AND EXISTS (SELECT 1 FROM members WHERE conversation_id = $1 AND user_id = $2)`
-
-// replay returns the stored message of m's idempotency key if m is a retry
-// of it: the same text and the same metadata as JSON values (sameJSON), so
-// that a retry that re-serialises the same object differently is the same
-// message. The comparison is here rather than in SQL because only
-// PostgreSQL's jsonb normalises key order; SQLite's json() keeps it.
-func replay(ctx context.Context, q sqlx.QueryerContext, m chat.NewMessage) (chat.Message, error) {
-	var r messageRow
-	if err := sqlx.GetContext(ctx, q, &r, replaySQL, m.ConversationID, m.SenderID, m.ClientMsgID); err != nil {
-		return chat.Message{}, err
+// replayOf is the outcome of m when orig holds its idempotency key: orig if m
+// is a retry of it — the same text and the same metadata as JSON values
+// (sameJSON), so that a retry that re-serialises the same object differently
+// is the same message — else a conflict. The comparison is here rather than
+// in SQL because only PostgreSQL's jsonb normalises key order; SQLite's
+// json() keeps it.
+func replayOf(orig chat.Message, m chat.NewMessage) sendResult {
+	if orig.Text != m.Text || !sameJSON(orig.Metadata, m.Metadata) {
+		return sendResult{err: chat.Errorf(chat.CodeConflict,
+			"client_msg_id was already used for a different message")}
 	}
-	if r.Text != m.Text || !sameJSON(r.Metadata, m.Metadata) {
-		return chat.Message{}, chat.Errorf(chat.CodeConflict,
-			"client_msg_id was already used for a different message")
-	}
-	return r.message(), nil
+	return sendResult{msg: orig}
 }
 
 // sameJSON reports whether two JSON documents (empty: none) hold the same
@@ -166,103 +159,277 @@ func canonicalNumber(n string) string {
 	return sign + trimmed + "e" + e.String()
 }
 
-// errReplayed aborts a send whose idempotency key a concurrent retry used first.
-var errReplayed = errors.New("idempotency key taken concurrently")
-
-// Send stores m (G1–G3) in one transaction:
-//
-//  1. with a ClientMsgID, look the key up first, without locking: a retry of a
-//     committed send returns the original without touching the conversation row;
-//  2. take the next seq with an UPDATE of the conversation row that also checks
-//     membership, so the database, not a cache, decides who may write (G7); the
-//     row lock it takes orders concurrent sends, so commit order is seq order (G3);
-//  3. insert the message; ON CONFLICT on the idempotency index means a
-//     concurrent retry with the same key committed first (it held the row lock
-//     before us): roll back, so no seq is consumed, and return the original (G2);
-//  4. move the sender's read position to the message (sending reads);
-//  5. write the message.created outbox event.
+// Send stores m (G1–G3) in a transaction shared with the sends queued at the
+// same time (group commit, see committer.go and sendBatch), and returns after
+// that transaction has committed.
 func (s *Store) Send(ctx context.Context, m chat.NewMessage) (chat.Message, bool, chat.Changed, error) {
-	var (
-		msg chat.Message
-		evs []chat.OutboxEvent
-	)
-	replayed := false
+	res := s.c.send(ctx, m)
+	if res.err != nil {
+		return chat.Message{}, false, chat.Changed{}, res.err
+	}
+	if !res.created {
+		return res.msg, false, chat.Changed{}, nil
+	}
+	return res.msg, true, chat.Changed{Events: res.events}, nil
+}
+
+// errKeyConflict fails a batch of which the database did not insert every
+// message because an idempotency key was taken: the unique index is the
+// backstop of the key look-up that sendBatch makes under the conversation
+// locks, and a message skipped while its seq was counted would leave a gap
+// (G3). Retryable: nothing is stored, and a retry finds the key.
+var errKeyConflict = chat.Unavailable("database", errors.New("store: an idempotency key of the batch was taken on insert"))
+
+// sendBatch stores ms in one transaction and returns the outcome of each, in
+// order, or an error of the transaction as a whole (nothing stored):
+//
+//  1. lock the batch's conversations, in id order so that batches of several
+//     nodes cannot deadlock: on PostgreSQL with FOR UPDATE (the lock orders
+//     sends, so commit order is seq order, G3); SQLite's single writer
+//     already runs one transaction at a time (BEGIN IMMEDIATE);
+//  2. with the locks held, in statements of their own (READ COMMITTED sees
+//     what committed while we waited for the locks): check membership, so
+//     the database, not a cache, decides who may write (G7) — a non-member,
+//     or a conversation that does not exist, is CodeNotFound without saying
+//     which; then look up the idempotency keys already stored, whose
+//     requests are replays of the original (G2), or conflicts when the text
+//     or metadata differ (members' keys only: a former member cannot read
+//     a message back through a replay, G7). A key used twice within the
+//     batch is created by its first request and replayed by the others;
+//  3. number the new messages from the locked last_seq, in request order;
+//  4. write, one statement each: the conversations' last_seq and activity,
+//     the messages (the idempotency index stays the backstop: a conflict
+//     on it fails the batch, errKeyConflict; another unique violation, a
+//     message id used before, fails it as a conflict, which the committer
+//     retries one request at a time), the senders' read positions (sending
+//     reads), and one message.created outbox event per new message, in
+//     seq order.
+//
+// Statements take their rows as VALUES lists of parameters (dialect.values).
+func (s *Store) sendBatch(ctx context.Context, ms []chat.NewMessage) ([]sendResult, error) {
+	type pair struct{ cid, uid string }
+	type key struct {
+		pair
+		key string
+	}
+	var res []sendResult
 	err := s.inTx(ctx, func(tx *sqlx.Tx) error {
-		if m.ClientMsgID != "" {
-			orig, err := replay(ctx, tx, m)
-			if err == nil {
-				msg, replayed = orig, true
-				return nil
+		res = make([]sendResult, len(ms))
+
+		// 1. The locks, and the conversations' last seqs.
+		var cids []string
+		for _, m := range ms {
+			cids = append(cids, m.ConversationID)
+		}
+		slices.Sort(cids)
+		cids = slices.Compact(cids)
+		var convs []struct {
+			ID      string `db:"id"`
+			LastSeq int64  `db:"last_seq"`
+		}
+		if err := tx.SelectContext(ctx, &convs,
+			`SELECT id, last_seq FROM conversations WHERE id `+s.d.inTexts(1)+` ORDER BY id`+s.d.forUpdate,
+			s.d.texts(cids)); err != nil {
+			return err
+		}
+		last := make(map[string]int64, len(convs))
+		for _, c := range convs {
+			last[c.ID] = c.LastSeq
+		}
+
+		// 2. Membership, then the stored idempotency keys of members.
+		var pairs []pair
+		seen := map[pair]bool{}
+		for _, m := range ms {
+			p := pair{m.ConversationID, m.SenderID}
+			if _, ok := last[p.cid]; ok && !seen[p] {
+				seen[p] = true
+				pairs = append(pairs, p)
 			}
-			if !errors.Is(err, sql.ErrNoRows) {
+		}
+		member := make(map[pair]bool, len(pairs))
+		if len(pairs) > 0 {
+			args := make([]any, 0, 2*len(pairs))
+			for _, p := range pairs {
+				args = append(args, p.cid, p.uid)
+			}
+			var rows []struct {
+				CID string `db:"cid"`
+				UID string `db:"uid"`
+			}
+			if err := tx.SelectContext(ctx, &rows,
+				`SELECT k.cid, k.uid FROM `+s.d.values(len(pairs), "k", "cid", "uid")+`
+				 JOIN members m ON m.conversation_id = k.cid AND m.user_id = k.uid`, args...); err != nil {
 				return err
 			}
+			for _, r := range rows {
+				member[pair{r.CID, r.UID}] = true
+			}
 		}
-		var seq int64
-		err := tx.GetContext(ctx, &seq,
-			`UPDATE conversations
-			 SET last_seq = last_seq + 1, last_activity_at = $3
-			 WHERE id = $1
-			   AND EXISTS (SELECT 1 FROM members WHERE conversation_id = $1 AND user_id = $2)
-			 RETURNING last_seq`,
-			m.ConversationID, m.SenderID, m.CreatedAt)
-		if errors.Is(err, sql.ErrNoRows) {
-			// No such conversation, or not a member: the same answer, so that
-			// existence is not leaked.
-			return chat.ErrNotFound
+		var keys []key
+		seenKey := map[key]bool{}
+		for _, m := range ms {
+			k := key{pair{m.ConversationID, m.SenderID}, m.ClientMsgID}
+			if k.key != "" && member[k.pair] && !seenKey[k] {
+				seenKey[k] = true
+				keys = append(keys, k)
+			}
 		}
-		if err != nil {
-			return err
+		stored := make(map[key]chat.Message)
+		if len(keys) > 0 {
+			args := make([]any, 0, 3*len(keys))
+			for _, k := range keys {
+				args = append(args, k.cid, k.uid, k.key)
+			}
+			var rows []messageRow
+			if err := tx.SelectContext(ctx, &rows,
+				`SELECT `+prefixed("m.", messageCols)+`
+				 FROM `+s.d.values(len(keys), "k", "cid", "uid", "ckey")+`
+				 JOIN messages m ON m.conversation_id = k.cid AND m.sender_id = k.uid AND m.client_msg_id = k.ckey`,
+				args...); err != nil {
+				return err
+			}
+			for _, r := range rows {
+				stored[key{pair{r.ConversationID, r.SenderID}, r.ClientMsgID.String}] = r.message()
+			}
 		}
-		var r messageRow
-		err = tx.GetContext(ctx, &r,
-			`INSERT INTO messages (conversation_id, seq, id, sender_id, text, metadata, client_msg_id, created_at)
-			 VALUES ($1, $2, $3, $4, $5, $6`+s.d.jsonb+`, NULLIF($7, ''), $8)
-			 ON CONFLICT (conversation_id, sender_id, client_msg_id) WHERE client_msg_id IS NOT NULL DO NOTHING
-			 RETURNING `+messageCols,
-			m.ConversationID, seq, m.ID, m.SenderID, m.Text, jsonArg(m.Metadata), m.ClientMsgID, m.CreatedAt)
-		if errors.Is(err, sql.ErrNoRows) {
-			return errReplayed
+
+		// 3. Who creates, and with which seq.
+		var (
+			creators []int
+			firstOf  = map[key]int{} // the creator of a key new in this batch
+			dupOf    = map[int]int{} // a later request of such a key → its creator
+			seqs     = make([]int64, len(ms))
+		)
+		for i, m := range ms {
+			p := pair{m.ConversationID, m.SenderID}
+			if !member[p] {
+				res[i].err = chat.ErrNotFound // no such conversation, or not a member
+				continue
+			}
+			if m.ClientMsgID != "" {
+				k := key{p, m.ClientMsgID}
+				if orig, ok := stored[k]; ok {
+					res[i] = replayOf(orig, m)
+					continue
+				}
+				if j, ok := firstOf[k]; ok {
+					dupOf[i] = j
+					continue
+				}
+				firstOf[k] = i
+			}
+			last[p.cid]++
+			seqs[i] = last[p.cid]
+			creators = append(creators, i)
 		}
-		if err != nil {
-			return err
+		if len(creators) == 0 {
+			return nil
 		}
-		msg = r.message()
+
+		// 4. The writes. Per conversation: its new last seq and the time of
+		// its last new message; per sender: the seq of their last one.
+		type bump struct {
+			seq int64
+			at  time.Time
+		}
+		bumps := map[string]bump{}
+		reads := map[pair]int64{}
+		var bumped []string
+		var readers []pair
+		for _, i := range creators { // ascending seq within each conversation
+			m := ms[i]
+			if _, ok := bumps[m.ConversationID]; !ok {
+				bumped = append(bumped, m.ConversationID)
+			}
+			bumps[m.ConversationID] = bump{seqs[i], m.CreatedAt}
+			p := pair{m.ConversationID, m.SenderID}
+			if _, ok := reads[p]; !ok {
+				readers = append(readers, p)
+			}
+			reads[p] = seqs[i]
+		}
+		args := make([]any, 0, 3*len(bumped))
+		for _, cid := range bumped {
+			args = append(args, cid, bumps[cid].seq, bumps[cid].at)
+		}
 		if _, err := tx.ExecContext(ctx,
-			`UPDATE members SET last_read_seq = `+s.d.greatest+`(last_read_seq, $3)
-			 WHERE conversation_id = $1 AND user_id = $2`,
-			m.ConversationID, m.SenderID, seq); err != nil {
+			`UPDATE conversations SET last_seq = v.seq, last_activity_at = v.at
+			 FROM `+s.d.values(len(bumped), "v", "id", "seq bigint", "at timestamptz")+`
+			 WHERE conversations.id = v.id`, args...); err != nil {
 			return err
 		}
-		data, err := json.Marshal(msg)
+
+		args = make([]any, 0, 8*len(creators))
+		for _, i := range creators {
+			m := ms[i]
+			var ckey any
+			if m.ClientMsgID != "" {
+				ckey = m.ClientMsgID
+			}
+			args = append(args, m.ConversationID, seqs[i], m.ID, m.SenderID, m.Text, jsonArg(m.Metadata), ckey, m.CreatedAt)
+		}
+		var rows []messageRow
+		if err := tx.SelectContext(ctx, &rows,
+			`INSERT INTO messages (conversation_id, seq, id, sender_id, text, metadata, client_msg_id, created_at)
+			 VALUES `+s.d.valueRows(len(creators), "", "", "", "", "", "jsonb", "", "")+`
+			 ON CONFLICT (conversation_id, sender_id, client_msg_id) WHERE client_msg_id IS NOT NULL DO NOTHING
+			 RETURNING `+messageCols, args...); err != nil {
+			return err
+		}
+		if len(rows) != len(creators) {
+			return errKeyConflict
+		}
+		type place struct {
+			cid string
+			seq int64
+		}
+		inserted := make(map[place]chat.Message, len(rows))
+		for _, r := range rows {
+			inserted[place{r.ConversationID, r.Seq}] = r.message()
+		}
+
+		args = make([]any, 0, 3*len(readers))
+		for _, p := range readers {
+			args = append(args, p.cid, p.uid, reads[p])
+		}
+		if _, err := tx.ExecContext(ctx,
+			`UPDATE members SET last_read_seq = `+s.d.greatest+`(last_read_seq, v.seq)
+			 FROM `+s.d.values(len(readers), "v", "cid", "uid", "seq bigint")+`
+			 WHERE members.conversation_id = v.cid AND members.user_id = v.uid`, args...); err != nil {
+			return err
+		}
+
+		evs := make([]chat.OutboxEvent, len(creators))
+		for n, i := range creators {
+			msg, ok := inserted[place{ms[i].ConversationID, seqs[i]}]
+			if !ok {
+				return errKeyConflict
+			}
+			data, err := json.Marshal(msg)
+			if err != nil {
+				return err
+			}
+			res[i] = sendResult{msg: msg, created: true}
+			evs[n] = chat.OutboxEvent{ConversationID: msg.ConversationID, Type: chat.EventMessageCreated,
+				Seq: msg.Seq, Data: data, CreatedAt: msg.CreatedAt}
+		}
+		evs, err := s.insertEvents(ctx, tx, time.Time{}, evs)
 		if err != nil {
 			return err
 		}
-		evs, err = s.insertEvents(ctx, tx, m.CreatedAt, []chat.OutboxEvent{{
-			ConversationID: m.ConversationID,
-			Type:           chat.EventMessageCreated,
-			Seq:            seq,
-			Data:           data,
-		}})
-		return err
+		for n, i := range creators {
+			res[i].events = []chat.OutboxEvent{evs[n]}
+		}
+		for i, j := range dupOf {
+			res[i] = replayOf(res[j].msg, ms[i])
+		}
+		return nil
 	})
-	if errors.Is(err, errReplayed) { // inTx wrapped it as internal; errors.Is unwraps
-		// The transaction is rolled back, so this attempt consumed no seq.
-		// The winner has committed (our INSERT waited for it), so a fresh
-		// statement sees its message.
-		orig, err := replay(ctx, s.rdb, m)
-		if err != nil {
-			return chat.Message{}, false, chat.Changed{}, dbErr(err)
-		}
-		return orig, false, chat.Changed{}, nil
-	}
 	if err != nil {
-		return chat.Message{}, false, chat.Changed{}, err
+		return nil, err
 	}
-	if replayed {
-		return msg, false, chat.Changed{}, nil
-	}
-	return msg, true, chat.Changed{Events: evs}, nil
+	return res, nil
 }
 
 // DefaultHistoryLimit is the page size when a query gives none (API.md: 50).

@@ -61,20 +61,22 @@ type insertedEvent struct {
 const outboxCols = `id, conversation_id, type, seq, data, recipients, extra, created_at`
 
 // insertEventsPostgres writes any number of events in one round trip (a group
-// addition writes one member.added per new member). Arrays cannot nest
-// per row, so each row's recipient lists travel as a JSON array in a text
-// element (empty for none). The ORDER BY makes the ids follow the order of the
-// events, which the dispatcher keeps. created_at is the mutation's own time
-// when it has one ($7), so that the dispatcher's session-cache touches use
-// the same time as conversations.last_activity_at; else the database's.
+// addition writes one member.added per new member, a batch of sends one
+// message.created per message). Arrays cannot nest per row, so each row's
+// recipient lists travel as a JSON array in a text element (empty for none).
+// The ORDER BY makes the ids follow the order of the events, which the
+// dispatcher keeps. created_at is the event's mutation's own time when it has
+// one (e.at, RFC 3339; empty for none), so that the dispatcher's
+// session-cache touches use the same time as conversations.last_activity_at;
+// else the database's.
 const insertEventsPostgres = `
 INSERT INTO outbox (conversation_id, type, seq, data, recipients, extra, created_at)
 SELECT e.cid, e.type, e.seq, NULLIF(e.data, ''::bytea),
        CASE WHEN e.rcpt = '' THEN NULL ELSE ARRAY(SELECT jsonb_array_elements_text(e.rcpt::jsonb)) END,
        CASE WHEN e.extra = '' THEN NULL ELSE ARRAY(SELECT jsonb_array_elements_text(e.extra::jsonb)) END,
-       COALESCE($7::timestamptz, date_trunc('milliseconds', now()))
-FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[], $5::text[], $6::text[])
-     WITH ORDINALITY AS e(cid, type, seq, data, rcpt, extra, ord)
+       COALESCE(NULLIF(e.at, '')::timestamptz, date_trunc('milliseconds', now()))
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[], $5::text[], $6::text[], $7::text[])
+     WITH ORDINALITY AS e(cid, type, seq, data, rcpt, extra, at, ord)
 ORDER BY e.ord
 RETURNING id, created_at`
 
@@ -83,12 +85,13 @@ RETURNING id, created_at`
 // objects ($1), read by json_each in array order (key). Recipient lists stay
 // JSON arrays (-> returns them as JSON text, NULL when absent); the payload
 // travels in hex so that its bytes are stored exactly. WHERE true: without
-// it SQLite may not parse a SELECT's end in an INSERT. created_at as above ($2).
+// it SQLite may not parse a SELECT's end in an INSERT. created_at as above
+// (at: Unix microseconds, absent for none).
 const insertEventsSQLite = `
 INSERT INTO outbox (conversation_id, type, seq, data, recipients, extra, created_at)
 SELECT e.value ->> 'cid', e.value ->> 'type', e.value ->> 'seq', unhex(e.value ->> 'data'),
        e.value -> 'to', e.value -> 'extra',
-       COALESCE($2, ` + sqliteNow + `)
+       COALESCE(e.value ->> 'at', ` + sqliteNow + `)
 FROM json_each($1) AS e
 WHERE true
 ORDER BY e.key
@@ -102,11 +105,13 @@ type sqliteEvent struct {
 	Data  string   `json:"data,omitempty"` // hex
 	To    []string `json:"to,omitempty"`
 	Extra []string `json:"extra,omitempty"`
+	At    *int64   `json:"at,omitempty"` // Unix microseconds
 }
 
 // insertEvents writes evs to the outbox inside tx and returns them with the
-// ids and times the database gave them. at is the time of the mutation; zero
-// when it has none (the database clock stamps the events then).
+// ids and times the database gave them. An event's time is its CreatedAt if
+// set, else at, the time of the mutation; zero when it has none (the
+// database clock stamps the event then).
 func (s *Store) insertEvents(ctx context.Context, tx *sqlx.Tx, at time.Time, evs []chat.OutboxEvent) ([]chat.OutboxEvent, error) {
 	if len(evs) == 0 {
 		return nil, nil
@@ -139,19 +144,29 @@ func (s *Store) insertEvents(ctx context.Context, tx *sqlx.Tx, at time.Time, evs
 // insertEventsArgs are the arguments of the dialect's insertEventsSQL.
 func (s *Store) insertEventsArgs(at time.Time, evs []chat.OutboxEvent) ([]any, error) {
 	n := len(evs)
+	when := func(e chat.OutboxEvent) time.Time {
+		if !e.CreatedAt.IsZero() {
+			return e.CreatedAt
+		}
+		return at
+	}
 	if s.d.sqlite() {
 		rows := make([]sqliteEvent, n)
 		for i, e := range evs {
 			rows[i] = sqliteEvent{CID: e.ConversationID, Type: string(e.Type), Seq: e.Seq,
 				Data: hex.EncodeToString(e.Data), To: e.To, Extra: e.Extra}
+			if t := when(e); !t.IsZero() {
+				us := t.UnixMicro()
+				rows[i].At = &us
+			}
 		}
 		b, err := json.Marshal(rows)
 		if err != nil {
 			return nil, err
 		}
-		return []any{string(b), timeArg(at)}, nil
+		return []any{string(b)}, nil
 	}
-	cids, types, rcpts, extras := make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+	cids, types, rcpts, extras, ats := make([]string, n), make([]string, n), make([]string, n), make([]string, n), make([]string, n)
 	seqs, datas := make([]int64, n), make([][]byte, n)
 	for i, e := range evs {
 		cids[i], types[i], seqs[i], datas[i] = e.ConversationID, string(e.Type), e.Seq, e.Data
@@ -162,17 +177,12 @@ func (s *Store) insertEventsArgs(at time.Time, evs []chat.OutboxEvent) ([]any, e
 		if extras[i], err = jsonList(e.Extra); err != nil {
 			return nil, err
 		}
+		if t := when(e); !t.IsZero() {
+			ats[i] = t.UTC().Format(time.RFC3339Nano)
+		}
 	}
 	return []any{pq.Array(cids), pq.Array(types), pq.Array(seqs), pq.Array(datas), pq.Array(rcpts),
-		pq.Array(extras), timeArg(at)}, nil
-}
-
-// timeArg is NULL for the zero time.
-func timeArg(t time.Time) any {
-	if t.IsZero() {
-		return nil
-	}
-	return t
+		pq.Array(extras), pq.Array(ats)}, nil
 }
 
 func jsonList(ids []string) (string, error) {

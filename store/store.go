@@ -8,10 +8,12 @@
 // that must survive crashes and races live in its transactions and
 // constraints: a send commits its message, its seq (the conversation row
 // lock orders them on PostgreSQL, the single writer on SQLite, G3) and its
-// outbox event together (G1); an idempotency key is a UNIQUE index (G2);
-// membership is checked inside the writing statement (G7). Every mutation
-// writes the outbox events that describe it in the same transaction, so a
-// node dying after the commit loses no event.
+// outbox event together (G1), in a transaction shared with the sends queued
+// at the same time (group commit, committer.go); an idempotency key is a
+// UNIQUE index, and looked up under the conversation's lock (G2); membership
+// is checked inside the writing transaction (G7). Every mutation writes the
+// outbox events that describe it in the same transaction, so a node dying
+// after the commit loses no event.
 //
 // Errors leave this package as *chat.Error only (see dbErr): callers never see
 // driver errors, and a database that cannot be reached is CodeUnavailable so
@@ -59,6 +61,15 @@ type Store struct {
 	// connection. rdb runs reads outside transactions: on PostgreSQL it is
 	// db, on SQLite a pool of read-only connections (see openSQLite).
 	db, rdb *sqlx.DB
+	// c group-commits sends (committer.go).
+	c *committer
+}
+
+// newStore returns a Store over its pools, with its committer running.
+func newStore(d *dialect, db, rdb *sqlx.DB) *Store {
+	s := &Store{d: d, db: db, rdb: rdb}
+	s.c = newCommitter(s)
+	return s
 }
 
 // Open connects to databaseURL, checks that the database answers and
@@ -89,11 +100,11 @@ func Open(ctx context.Context, databaseURL string) (*Store, error) {
 		_ = db.Close()
 		return nil, dbErr(err)
 	}
-	return &Store{d: postgresDialect, db: db, rdb: db}, nil
+	return newStore(postgresDialect, db, db), nil
 }
 
 // New wraps an existing pool (of the "postgres" driver).
-func New(db *sqlx.DB) *Store { return &Store{d: postgresDialect, db: db, rdb: db} }
+func New(db *sqlx.DB) *Store { return newStore(postgresDialect, db, db) }
 
 // DB returns the pool that writes (on SQLite, the writer connection), for
 // wiring (readiness, migrations) and tests.
@@ -102,8 +113,10 @@ func (s *Store) DB() *sqlx.DB { return s.db }
 // Dialect names the database: "postgres" or "sqlite".
 func (s *Store) Dialect() string { return s.d.name }
 
-// Close closes the pools.
+// Close stops the committer — a batch of sends in flight finishes, sends still
+// queued fail as unavailable, as do sends after Close — then closes the pools.
 func (s *Store) Close() error {
+	s.c.close()
 	err := s.db.Close()
 	if s.rdb != s.db {
 		err = errors.Join(err, s.rdb.Close())
@@ -137,7 +150,8 @@ func (s *Store) Ping(ctx context.Context) error {
 //
 // Lock order, to keep transactions free of deadlocks: a transaction that
 // writes both a conversations row and members rows locks the conversation
-// first (Send, AddMembers, RemoveMember all do).
+// first (Send, AddMembers, RemoveMember all do), and one that locks several
+// conversations locks them in id order (a batch of sends).
 func (s *Store) inTx(ctx context.Context, fn func(tx *sqlx.Tx) error) error {
 	tx, err := s.db.BeginTxx(ctx, nil)
 	if err != nil {

@@ -16,6 +16,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"reflect"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -51,6 +52,7 @@ func Run(t *testing.T, open func(t *testing.T) chat.Store) {
 		{"SendIdempotent", testSendIdempotent},
 		{"SendOrder", testSendOrder},
 		{"SendNonMember", testSendNonMember},
+		{"SendManyConversations", testSendManyConversations},
 		{"UnreadAndMarkRead", testUnreadAndMarkRead},
 		{"ConversationViews", testConversationViews},
 		{"ActivityPage", testActivityPage},
@@ -974,6 +976,113 @@ func testSendOrder(f *fixture) {
 	page, _, err = f.s.Messages(f.ctx, "g", chat.HistoryQuery{After: true, AfterSeq: 499, Limit: 1})
 	require.NoError(t, err)
 	require.Equal(t, []chat.Message{m}, page, "history and Message agree")
+}
+
+// G2 and G3 under concurrency spread over several conversations, as an
+// implementation that groups concurrent sends (group commit) sees them: 50
+// senders × 40 sends into 5 conversations, every fourth send retried at once
+// with its key.
+func testSendManyConversations(f *fixture) {
+	t := f.t
+	const convs, users, senders, each = 5, 10, 50, 40
+	var uids []string
+	for i := range users {
+		uids = append(uids, fmt.Sprintf("u%d", i))
+	}
+	f.users(uids...)
+	for c := range convs {
+		f.group(fmt.Sprintf("g%d", c), uids[0], uids[1:]...)
+	}
+	type sent struct {
+		m  chat.Message
+		ev chat.OutboxEvent
+	}
+	got := make([][]sent, senders)
+	errs := make([]error, senders)
+	var wg sync.WaitGroup
+	for i := range senders {
+		wg.Go(func() {
+			for j := range each {
+				nm := chat.NewMessage{ID: fmt.Sprintf("s%d-%d", i, j), ConversationID: fmt.Sprintf("g%d", (i+j)%convs),
+					SenderID: uids[i%users], Text: fmt.Sprintf("%d/%d", i, j), ClientMsgID: fmt.Sprintf("k%d-%d", i, j),
+					CreatedAt: chat.Now()}
+				m, created, ch, err := f.s.Send(f.ctx, nm)
+				if err == nil && (!created || len(ch.Events) != 1) {
+					err = fmt.Errorf("send %s: created=%v, %d events", nm.ID, created, len(ch.Events))
+				}
+				if err != nil {
+					errs[i] = err
+					return
+				}
+				got[i] = append(got[i], sent{m, ch.Events[0]})
+				if j%4 == 0 {
+					nm.ID += "-retry"
+					again, created, ch, err := f.s.Send(f.ctx, nm)
+					if err == nil && (created || len(ch.Events) != 0 || !reflect.DeepEqual(again, m)) {
+						err = fmt.Errorf("retry of %s: created=%v, %d events, %+v != %+v", nm.ID, created, len(ch.Events), again, m)
+					}
+					if err != nil {
+						errs[i] = err
+						return
+					}
+				}
+			}
+		})
+	}
+	wg.Wait()
+	bySeq := map[string][]int64{}
+	lastRead := map[[2]string]int64{}
+	for i := range senders {
+		require.NoError(t, errs[i])
+		mine := map[string][]int64{}
+		for _, s := range got[i] {
+			require.Equal(t, chat.EventMessageCreated, s.ev.Type)
+			require.Equal(t, s.m.Seq, s.ev.Seq)
+			require.Equal(t, s.m.ConversationID, s.ev.ConversationID)
+			require.NotZero(t, s.ev.ID)
+			bySeq[s.m.ConversationID] = append(bySeq[s.m.ConversationID], s.m.Seq)
+			mine[s.m.ConversationID] = append(mine[s.m.ConversationID], s.m.Seq)
+			k := [2]string{s.m.ConversationID, s.m.SenderID}
+			lastRead[k] = max(lastRead[k], s.m.Seq)
+		}
+		for cid, ss := range mine {
+			require.True(t, slices.IsSorted(ss), "a sender's messages are numbered in the order it sent them (%s)", cid)
+		}
+	}
+	total := 0
+	for c := range convs {
+		cid := fmt.Sprintf("g%d", c)
+		all := bySeq[cid]
+		slices.Sort(all)
+		n := int64(len(all))
+		require.Equal(t, seqRange(1, n), all, "%s: seqs are exactly 1..N", cid)
+		require.Equal(t, n, f.view(cid, uids[0]).LastSeq)
+		ms, _, err := f.s.Messages(f.ctx, cid, chat.HistoryQuery{After: true, Limit: int(n) + 1})
+		require.NoError(t, err)
+		require.Equal(t, seqRange(1, n), seqs(ms), "%s: history holds each message once", cid)
+		total += int(n)
+		for _, uid := range uids {
+			m, err := f.s.Member(f.ctx, cid, uid)
+			require.NoError(t, err)
+			require.Equal(t, lastRead[[2]string{cid, uid}], m.LastReadSeq, "%s/%s: sending reads up to one's last message", cid, uid)
+		}
+	}
+	require.Equal(t, senders*each, total)
+	var claimed []chat.OutboxEvent
+	for {
+		page := f.claimAll(time.Hour)
+		if len(page) == 0 {
+			break
+		}
+		claimed = append(claimed, page...)
+	}
+	evs := eventsOfType(claimed, chat.EventMessageCreated)
+	require.Len(t, evs, senders*each, "one event per message, none per retry")
+	last := map[string]int64{}
+	for _, ev := range evs { // in id order
+		require.Greater(t, ev.Seq, last[ev.ConversationID], "a conversation's events in seq order")
+		last[ev.ConversationID] = ev.Seq
+	}
 }
 
 func testSendNonMember(f *fixture) {
