@@ -228,3 +228,17 @@ func TestStringListScan(t *testing.T) {
 	var l stringList
 	require.Error(t, l.Scan(42))
 }
+
+func TestWithBinaryParameters(t *testing.T) {
+	for in, want := range map[string]string{
+		"postgres://u@h/db":                      "postgres://u@h/db?binary_parameters=yes",
+		"postgres://u@h/db?sslmode=disable":      "postgres://u@h/db?sslmode=disable&binary_parameters=yes",
+		"host=h dbname=db":                       "host=h dbname=db binary_parameters=yes",
+		"postgres://h/db?binary_parameters=no":   "postgres://h/db?binary_parameters=no",
+		"postgresql://h/db?search_path=t_abc123": "postgresql://h/db?search_path=t_abc123&binary_parameters=yes",
+	} {
+		if got := withBinaryParameters(in); got != want {
+			t.Errorf("%q: got %q, want %q", in, got, want)
+		}
+	}
+}
