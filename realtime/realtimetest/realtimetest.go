@@ -597,9 +597,10 @@ func testSlowSubscriber(t *testing.T, h Harness) {
 	rt := h.New(t)
 	slow := subscribe(t, rt, "alice")
 	fast := subscribe(t, rt, "alice")
-	// Each event reaches every subscription before the next one does: once
-	// fast has seen EventBuffer+1 events, slow has overflowed.
-	for i := 0; i <= h.EventBuffer; i++ {
+	// Each event reaches every subscription before the next one does, but in
+	// no set order among subscriptions: once fast has seen EventBuffer+2
+	// events, event EventBuffer+1 has reached slow too, and slow overflowed.
+	for i := 0; i <= h.EventBuffer+1; i++ {
 		ev := chat.StreamEvent{Type: chat.EventPresence, Data: json.RawMessage(fmt.Sprintf(`{"n":%d}`, i))}
 		require.NoError(t, rt.Publish(ctxFor(t), []string{"alice"}, ev))
 		got := recvEvent(t, fast, "a subscriber that keeps up")
