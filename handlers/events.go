@@ -19,7 +19,7 @@ const (
 	// DefaultStreamWriteTimeout bounds one write to a stream: a client that does not read
 	// for this long is disconnected instead of buffered for (DESIGN.md §6).
 	DefaultStreamWriteTimeout = 10 * time.Second
-	maxPollWait  = 60
+	maxPollWait               = 60
 )
 
 // events serves GET /v1/events: SSE for EventSource and curl -N, or the JSON
