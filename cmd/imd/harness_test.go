@@ -412,6 +412,12 @@ func openStream(t *testing.T, base, token, lastEventID string) *sseStream {
 func (s *sseStream) read() {
 	defer close(s.closed)
 	defer close(s.events)
+	_ = s.parse()
+}
+
+// parse reads SSE frames into s.events until the body ends, returning the
+// reader's error (nil at EOF).
+func (s *sseStream) parse() error {
 	sc := bufio.NewScanner(s.res.Body)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	var ev sseEvent
@@ -434,6 +440,7 @@ func (s *sseStream) read() {
 			ev.Data = json.RawMessage(strings.TrimPrefix(line, "data: "))
 		}
 	}
+	return sc.Err()
 }
 
 // Close ends the stream and waits for the reader.

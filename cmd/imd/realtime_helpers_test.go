@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -199,32 +198,10 @@ func rtOpen(t *testing.T, base, token string, o rtStreamOpts) *rtStream {
 	return s
 }
 
-// read is the harness' parser, recording the scanner's error.
+// read is the harness' parser, recording the reader's error.
 func (s *rtStream) read() {
 	defer close(s.closed)
-	sc := bufio.NewScanner(s.res.Body)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	var ev sseEvent
-	for sc.Scan() {
-		line := sc.Text()
-		switch {
-		case line == "":
-			if ev.Type != "" {
-				s.events <- ev
-			}
-			ev = sseEvent{}
-		case strings.HasPrefix(line, ":"):
-		case strings.HasPrefix(line, "retry: "):
-			s.Retry = strings.TrimPrefix(line, "retry: ")
-		case strings.HasPrefix(line, "id: "):
-			ev.ID = strings.TrimPrefix(line, "id: ")
-		case strings.HasPrefix(line, "event: "):
-			ev.Type = strings.TrimPrefix(line, "event: ")
-		case strings.HasPrefix(line, "data: "):
-			ev.Data = json.RawMessage(strings.TrimPrefix(line, "data: "))
-		}
-	}
-	s.err = sc.Err()
+	s.err = s.parse()
 	close(s.events) // after s.err: a receiver that sees the close sees the error
 }
 
