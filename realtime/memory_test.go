@@ -489,50 +489,7 @@ func TestMemoryClose(t *testing.T) {
 	require.ErrorIs(t, err, ErrClosed)
 }
 
-// BenchmarkMemoryAppend is BenchmarkAppend (redis_test.go) against the
-// in-memory adapter: each Append delivers one message to 200 users, from
-// one caller and from several concurrent ones.
+// BenchmarkMemoryAppend is the fan-out benchmark against the in-memory adapter.
 func BenchmarkMemoryAppend(b *testing.B) {
-	const users = 200
-	data := []byte(`{"id":"01J8Z6Q4W2","conversation_id":"CONV","seq":0,"sender_id":"alice",` +
-		`"text":"hello there, this is a typical short chat message","created_at":"2026-01-02T03:04:05.678Z"}`)
-	var convs atomic.Int64
-	fanOut := func(b *testing.B, rt chat.Realtime) func() {
-		cid := fmt.Sprintf("c%d", convs.Add(1))
-		ds := make([]chat.Delivery, users)
-		seq := int64(0)
-		return func() {
-			seq++
-			for u := range ds {
-				ds[u] = chat.Delivery{UserID: fmt.Sprintf("u%d", u), Entry: &chat.LogEntry{
-					Key: fmt.Sprintf("o%s-%d", cid, seq), Type: chat.EventMessageCreated,
-					ConversationID: cid, Seq: seq, Data: data,
-				}}
-			}
-			gaps, err := rt.Append(context.Background(), ds)
-			if err != nil || len(gaps) > 0 {
-				b.Errorf("append: %v, gaps %v", err, gaps)
-			}
-		}
-	}
-	b.Run("serial", func(b *testing.B) {
-		rt := newTestMemory(b, Config{})
-		next := fanOut(b, rt)
-		for b.Loop() {
-			next()
-		}
-		b.ReportMetric(float64(b.N*users)/b.Elapsed().Seconds(), "recipients/s")
-	})
-	b.Run("parallel", func(b *testing.B) {
-		rt := newTestMemory(b, Config{})
-		b.SetParallelism(4) // 4 callers per CPU
-		b.ResetTimer()
-		b.RunParallel(func(pb *testing.PB) {
-			next := fanOut(b, rt)
-			for pb.Next() {
-				next()
-			}
-		})
-		b.ReportMetric(float64(b.N*users)/b.Elapsed().Seconds(), "recipients/s")
-	})
+	realtimetest.BenchAppend(b, func(b *testing.B) chat.Realtime { return newTestMemory(b, Config{}) })
 }
