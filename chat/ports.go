@@ -176,6 +176,11 @@ type Subscription interface {
 	// Wake has a value when the user's log may have grown (or events may have
 	// been missed, e.g. after a Pub/Sub reconnect): read the log again.
 	Wake() <-chan struct{}
+	// Since returns what the wake-ups since the last call carried, from
+	// just after pos: ok is false when they do not continue pos without a
+	// hole (or carried nothing, or some were lost), and the log must be read.
+	// An implementation may always say false.
+	Since(pos Position) (evs []StreamEvent, next Position, ok bool)
 	// Events carries ephemeral events and control events; bounded, and
 	// closed with Err set when the subscriber fell too far behind.
 	Events() <-chan StreamEvent

@@ -70,6 +70,16 @@ func (s *Service) Stream(ctx context.Context, p Principal, lastEventID string, s
 		case <-ctx.Done():
 			return nil
 		case <-sub.Wake():
+			if evs, next, ok := sub.Since(pos); ok {
+				// The wake-up carried the new entries: no read back.
+				if len(evs) > 0 {
+					if err := sink.Send(evs); err != nil {
+						return err
+					}
+					pos = next
+				}
+				continue
+			}
 			if pos, err = s.drain(ctx, p.UserID, pos, sink); err != nil {
 				return err
 			}

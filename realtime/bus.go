@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -102,6 +103,53 @@ type subscription struct {
 	closed       bool
 	eventsClosed bool
 	err          error
+	// pushed holds the log entries wake-ups carried since the stream last
+	// took them (pushBuffer at most); pushLost says some may be missing (the
+	// buffer overflowed, or the connection was lost), so the log must be read.
+	pushed   []pushBatch
+	pushLen  int
+	pushLost bool
+}
+
+// pushBatch is the entries of one append, as its wake-up carried them:
+// consecutive offsets of one epoch, shared by every subscription of the user.
+type pushBatch struct {
+	epoch  string
+	first  int64
+	events []chat.StreamEvent
+}
+
+// pushBuffer bounds the pushed events a subscription holds (several
+// dispatcher rounds); past it the stream reads its log instead.
+const pushBuffer = 512
+
+// Since implements chat.Subscription: the pushed events after pos, when
+// they continue pos without a hole.
+func (s *subscription) Since(pos chat.Position) ([]chat.StreamEvent, chat.Position, bool) {
+	s.b.mu.Lock()
+	batches, lost := s.pushed, s.pushLost
+	s.pushed, s.pushLen, s.pushLost = nil, 0, false
+	s.b.mu.Unlock()
+	if lost || len(batches) == 0 {
+		return nil, pos, false
+	}
+	var evs []chat.StreamEvent
+	next := pos
+	for _, pb := range batches {
+		if pb.epoch != pos.Epoch {
+			return nil, pos, false
+		}
+		last := pb.first + int64(len(pb.events)) - 1
+		if last <= next.Offset {
+			continue // read from the log already
+		}
+		if pb.first > next.Offset+1 {
+			return nil, pos, false // a hole: an entry the pushes do not have
+		}
+		evs = append(evs, pb.events[next.Offset+1-pb.first:]...)
+		next.Offset = last
+	}
+	return evs, next, true
 }
 
 func (s *subscription) Wake() <-chan struct{}           { return s.wake }
@@ -380,8 +428,14 @@ func (b *bus) releasePongs() {
 // dispatch hands one message to the local subscriptions of its channel.
 func (b *bus) dispatch(m *redis.Message) {
 	var ev chat.StreamEvent
+	var push *pushBatch
 	wake := m.Payload == ""
-	if !wake && json.Unmarshal([]byte(m.Payload), &ev) != nil {
+	if strings.HasPrefix(m.Payload, "L ") {
+		wake = true
+		if pb, err := parsePush(m.Payload); err == nil {
+			push = &pb
+		}
+	} else if !wake && json.Unmarshal([]byte(m.Payload), &ev) != nil {
 		wake = true // not ours to interpret; a wake-up is always safe
 	}
 	b.mu.Lock()
@@ -392,6 +446,15 @@ func (b *bus) dispatch(m *redis.Message) {
 	}
 	for s := range st.subs {
 		if wake {
+			switch {
+			case push == nil:
+				s.pushLost = true // an empty wake-up: only the log has it all
+			case s.pushLen+len(push.events) > pushBuffer:
+				s.pushed, s.pushLen, s.pushLost = nil, 0, true
+			case !s.pushLost:
+				s.pushed = append(s.pushed, *push)
+				s.pushLen += len(push.events)
+			}
 			select {
 			case s.wake <- struct{}{}:
 			default: // a wake-up is pending already: they coalesce
@@ -414,6 +477,7 @@ func (b *bus) wakeAll() {
 	defer b.mu.Unlock()
 	for _, st := range b.channels {
 		for s := range st.subs {
+			s.pushed, s.pushLen, s.pushLost = nil, 0, true
 			select {
 			case s.wake <- struct{}{}:
 			default:
@@ -444,4 +508,40 @@ func (b *bus) close() {
 	_ = b.ps.Close()
 	b.psMu.Unlock()
 	<-b.done
+}
+
+var errBadPush = errors.New("realtime: malformed pushed entries")
+
+// parsePush parses a wake-up that carries entries: "L <epoch> " then each
+// entry as "<length>:<offset> <type> <data>" (appendScript).
+func parsePush(payload string) (pushBatch, error) {
+	rest := payload[len("L "):]
+	epoch, rest, ok := strings.Cut(rest, " ")
+	if !ok || epoch == "" {
+		return pushBatch{}, errBadPush
+	}
+	pb := pushBatch{epoch: epoch}
+	for rest != "" {
+		ls, after, ok := strings.Cut(rest, ":")
+		n, err := strconv.Atoi(ls)
+		if !ok || err != nil || n < 0 || n > len(after) {
+			return pushBatch{}, errBadPush
+		}
+		off, typ, data, err := parseEntry(after[:n])
+		if err != nil {
+			return pushBatch{}, errBadPush
+		}
+		if len(pb.events) == 0 {
+			pb.first = off
+		} else if off != pb.first+int64(len(pb.events)) {
+			return pushBatch{}, errBadPush
+		}
+		id := chat.Position{Epoch: epoch, Offset: off}.String()
+		pb.events = append(pb.events, chat.StreamEvent{ID: id, Type: chat.EventType(typ), Data: []byte(data)})
+		rest = after[n:]
+	}
+	if len(pb.events) == 0 {
+		return pushBatch{}, errBadPush
+	}
+	return pb, nil
 }

@@ -43,27 +43,29 @@ func (r *Redis) logKeys(uid string) []string {
 }
 
 // userChannel is the Pub/Sub channel <prefix>user:{<uid>} that wakes the
-// nodes holding uid's streams (empty payload) and carries its ephemeral
-// events (a JSON chat.StreamEvent).
+// nodes holding uid's streams: with the entries just appended ("L …", see
+// appendScript), or empty (read the log); it also carries the user's
+// ephemeral events (a JSON chat.StreamEvent).
 func (r *Redis) userChannel(uid string) string { return r.cfg.Prefix + "user:" + tag(uid) }
 
 // epochLua is shared by the append and head scripts. ensure_epoch makes sure
 // the log has an epoch, creating one (and clearing any remains of a lost log)
-// when missing; it reports whether it did. A log whose counter vanished while
-// entries remain (partial eviction) counts as lost too: reusing offsets
-// within an epoch would give two events the same id. The common case, epoch
-// and counter both there, costs one EXISTS.
+// when missing; it returns whether it did, the epoch and the offset counter.
+// A log whose counter vanished while entries remain (partial eviction)
+// counts as lost too: reusing offsets within an epoch would give two events
+// the same id. The common case, epoch and counter both there, costs one MGET.
 const epochLua = `
 local function ensure_epoch(candidate)
-  if redis.call('EXISTS', KEYS[3], KEYS[2]) == 2 then
-    return false
+  local v = redis.call('MGET', KEYS[3], KEYS[2])
+  if v[1] and v[2] then
+    return false, v[1], tonumber(v[2])
   end
-  if redis.call('EXISTS', KEYS[3]) == 1 and redis.call('EXISTS', KEYS[1]) == 0 then
-    return false -- an empty log whose epoch Head created
+  if v[1] and redis.call('EXISTS', KEYS[1]) == 0 then
+    return false, v[1], 0 -- an empty log whose epoch Head created
   end
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[4], KEYS[5])
   redis.call('SET', KEYS[3], candidate)
-  return true
+  return true, candidate, 0
 end
 local function expire_all(ttl)
   for i = 1, 5 do
@@ -78,93 +80,158 @@ end
 // (entry number from 1, last seq) for the entries not appended because of a
 // gap.
 //
+// Redis spends most of a script's time in redis.call itself (about a
+// microsecond each, far more than the command), so the script reads the
+// counter and the conversations' last seqs once, decides every entry on
+// local copies, and writes once at the end: one RPUSH, one SET, one HSET
+// (and HDEL) however many entries the batch holds. Only entries without a
+// seq (membership and conversation events, rare) still cost a ZSCORE and a
+// ZADD each. A dispatcher round of many messages to one user is then a
+// handful of calls instead of four or five per message (docs/performance.md).
+//
 // The TTLs of the five keys are all set again only when this script created
 // one of them, or when they have run down by more than 1% of the TTL (100
 // minutes of 7 days): five EXPIREs per append would be a third of the
 // script's cost, and a log's life is only approximate anyway.
 var appendScript = redis.NewScript(epochLua + `
-local refresh = ensure_epoch(ARGV[1])
+local refresh, epoch, off = ensure_epoch(ARGV[1])
 local cap = tonumber(ARGV[2])
+-- The conversations' last seqs, each read once (seq_of) into last: a
+-- number, or false for a conversation this log has no seq of.
+local last = {}
+local function seq_of(cid)
+  local l = last[cid]
+  if l == nil then
+    l = tonumber(redis.call('HGET', KEYS[4], cid)) or false
+    last[cid] = l
+  end
+  return l
+end
+local changed = {} -- conversations whose last seq this script changed
+local first = off + 1
+local vals = {}
 local gaps = {}
-local appended = 0
 local n = 0
 for i = 5, #ARGV, 7 do
   n = n + 1
-  local key, typ, cid, seqs, data = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+3], ARGV[i+6]
-  local seq, baseline, forget = tonumber(seqs), tonumber(ARGV[i+4]), ARGV[i+5] == '1'
+  local key, typ, cid, data = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+6]
+  local seq, baseline, forget = tonumber(ARGV[i+3]), tonumber(ARGV[i+4]), ARGV[i+5] == '1'
   local ok = true
   if seq > 0 then
-    local last = redis.call('HGET', KEYS[4], cid)
-    if not last and baseline > 0 then
-      last = baseline -- a gap fill says where this conversation starts here
+    local l = seq_of(cid)
+    if not l and baseline > 0 then
+      l = baseline -- a gap fill says where this conversation starts here
     end
-    if not last and seq > 1 then
+    if not l and seq > 1 then
       -- Where this log starts the conversation is unknown: accepting seq as
       -- the first could make an earlier seq, dispatched later, look like a
       -- duplicate and vanish. The dispatcher fills from the store instead.
       ok = false
       gaps[#gaps+1] = n
       gaps[#gaps+1] = -1
-    elseif last then
-      last = tonumber(last)
-      if seq <= last then
+    elseif l then
+      if seq <= l then
         ok = false
-      elseif seq > last + 1 then
+      elseif seq > l + 1 then
         ok = false
         gaps[#gaps+1] = n
-        gaps[#gaps+1] = last
+        gaps[#gaps+1] = l
       end
     end
-  elseif key ~= '' and redis.call('ZSCORE', KEYS[5], key) then
-    ok = false
+  elseif key ~= '' then
+    -- A key whose entry this batch has already pushed out of the log counts
+    -- as gone, as if the log had been trimmed entry by entry.
+    local at = redis.call('ZSCORE', KEYS[5], key)
+    if at and tonumber(at) > off - cap then
+      ok = false
+    end
   end
   if ok then
-    local off = redis.call('INCR', KEYS[2])
-    local len = redis.call('RPUSH', KEYS[1], off .. ' ' .. typ .. ' ' .. data)
-    if off == 1 or len == 1 then
-      refresh = true
-    end
-    if len > cap then
-      redis.call('LTRIM', KEYS[1], -cap, -1)
-      redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', off - cap)
-    end
+    off = off + 1
+    vals[#vals+1] = off .. ' ' .. typ .. ' ' .. data
     if seq > 0 then
-      if redis.call('HSET', KEYS[4], cid, seqs) == 1 then
-        refresh = true -- a conversation new to this log: maybe a new hash
-      end
+      last[cid] = seq
+      changed[cid] = true
     elseif key ~= '' then
       if redis.call('ZADD', KEYS[5], off, key) == 1 and redis.call('ZCARD', KEYS[5]) == 1 then
         refresh = true
       end
     end
-    if baseline > 0 and tonumber(redis.call('HGET', KEYS[4], cid) or '0') < baseline then
-      if redis.call('HSET', KEYS[4], cid, ARGV[i+4]) == 1 then
-        refresh = true
-      end
+    if baseline > 0 and (seq_of(cid) or 0) < baseline then
+      last[cid] = baseline
+      changed[cid] = true
     end
     if forget then
-      redis.call('HDEL', KEYS[4], cid)
+      seq_of(cid) -- so that a later entry of cid sees it forgotten
+      last[cid] = false
+      changed[cid] = true
     end
-    appended = appended + 1
+  end
+end
+if #vals > 0 then
+  local len = 0
+  for j = 1, #vals, 1000 do -- unpack is bounded by Lua's C stack
+    len = redis.call('RPUSH', KEYS[1], unpack(vals, j, math.min(j + 999, #vals)))
+  end
+  if first == 1 or len == #vals then
+    refresh = true
+  end
+  if len > cap then
+    redis.call('LTRIM', KEYS[1], -cap, -1)
+    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', off - cap)
+  end
+  redis.call('SET', KEYS[2], off, 'KEEPTTL')
+  for cid in pairs(changed) do
+    if not last[cid] then
+      redis.call('HDEL', KEYS[4], cid)
+    elseif redis.call('HSET', KEYS[4], cid, last[cid]) > 0 then
+      refresh = true -- a conversation new to this log: maybe a new hash
+    end
   end
 end
 local ttl = tonumber(ARGV[3])
-if refresh or (appended > 0 and redis.call('PTTL', KEYS[2]) < ttl - ttl / 100) then
+if refresh or (#vals > 0 and redis.call('PTTL', KEYS[2]) < ttl - ttl / 100) then
   expire_all(ttl)
 end
-if appended > 0 then
-  redis.call('PUBLISH', ARGV[4], '')
+if #vals > 0 then
+  -- The wake-up carries the new entries themselves (pushSize bounds it), so
+  -- the streams of the user need not read them back: "L <epoch> " then each
+  -- entry as "<length>:<entry>".
+  local size = 0
+  for j = 1, #vals do
+    size = size + #vals[j]
+  end
+  if size > ` + pushSizeLua + ` then
+    redis.call('PUBLISH', ARGV[4], '')
+  else
+    local parts = {'L ', epoch, ' '}
+    for j = 1, #vals do
+      parts[#parts+1] = #vals[j] .. ':' .. vals[j]
+    end
+    redis.call('PUBLISH', ARGV[4], table.concat(parts))
+  end
 end
 return gaps
 `)
+
+// pushSize bounds the entries one wake-up carries (bytes): a few ordinary
+// messages, the dispatcher rounds of a moderate load, where reading them
+// back would double Redis' work per delivery. A bigger round is an empty
+// wake-up and its streams read the log, which serves hundreds of entries
+// per read: pushing those through the node's one Pub/Sub connection instead
+// measured slower (and one round to 1000 users would approach Redis'
+// 8 MB pubsub output-buffer limit, past which it drops the connection).
+const pushSize = 4 << 10
+
+var pushSizeLua = strconv.Itoa(pushSize)
 
 // headScript returns {epoch, head offset}, creating the epoch if missing,
 // and extends the log's life: a log someone streams from is in use. KEYS:
 // logKeys. ARGV: epoch candidate, ttl (ms).
 var headScript = redis.NewScript(epochLua + `
-ensure_epoch(ARGV[1])
+local _, epoch, off = ensure_epoch(ARGV[1])
 expire_all(tonumber(ARGV[2]))
-return {redis.call('GET', KEYS[3]), tonumber(redis.call('GET', KEYS[2]) or '0')}
+return {epoch, off}
 `)
 
 // readScript reads after a position. KEYS: log, seq, epoch. ARGV: epoch,

@@ -27,6 +27,12 @@ type memSub struct {
 }
 
 func (s *memSub) Wake() <-chan struct{}           { return s.wake }
+
+// Since implements chat.Subscription: in memory the log is as cheap to read
+// as a push would be, so wake-ups carry nothing.
+func (s *memSub) Since(pos chat.Position) ([]chat.StreamEvent, chat.Position, bool) {
+	return nil, pos, false
+}
 func (s *memSub) Events() <-chan chat.StreamEvent { return s.events }
 
 // Err says why Events was closed: ErrSlowSubscriber, ErrClosed, or nil (the

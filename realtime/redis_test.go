@@ -450,3 +450,79 @@ func BenchmarkAppend(b *testing.B) {
 		return openRedis(b, testenv.RedisURL(b), testenv.KeyPrefix(b))
 	})
 }
+
+// Wake-ups carry the entries just appended, so a stream need not read them
+// back; whenever the pushes cannot vouch for a gapless continuation (a
+// position they do not continue, another epoch, an overflowing buffer, an
+// oversized batch) Since says so and the log is read instead.
+func TestWakeUpsCarryEntries(t *testing.T) {
+	t.Parallel()
+	rt := openRedis(t, testenv.RedisURL(t), testenv.KeyPrefix(t))
+	ctx := context.Background()
+	s, err := rt.Subscribe(ctx, "alice")
+	require.NoError(t, err)
+	t.Cleanup(s.Close)
+	head, err := rt.Head(ctx, "alice")
+	require.NoError(t, err)
+	drainWake(s)
+
+	// Two appends, each its own wake-up: both carried, in order, with the ids
+	// the log gives them.
+	msg := func(seq int64, text string) chat.Delivery {
+		return chat.Delivery{UserID: "alice", Entry: &chat.LogEntry{Key: fmt.Sprint("m", seq), Type: chat.EventMessageCreated,
+			ConversationID: "c1", Seq: seq, Data: []byte(`{"text":"` + text + `","note":"a: b\nc 12:3"}`)}}
+	}
+	_, err = rt.Append(ctx, []chat.Delivery{msg(1, "one"), msg(2, "two")})
+	require.NoError(t, err)
+	_, err = rt.Append(ctx, []chat.Delivery{delivery("alice", "o9"), msg(3, "three")})
+	require.NoError(t, err)
+	want, wantNext, err := rt.Read(ctx, "alice", head, 100)
+	require.NoError(t, err)
+	require.Len(t, want, 4)
+	var got []chat.StreamEvent
+	next := head
+	testenv.Eventually(t, 5*time.Second, func() bool {
+		select {
+		case <-s.Wake():
+		case <-time.After(100 * time.Millisecond):
+		}
+		evs, n, ok := s.Since(next)
+		require.True(t, ok, "pushes continue the position")
+		got, next = append(got, evs...), n
+		return len(got) == 4
+	}, "four pushed entries")
+	require.Equal(t, want, got)
+	require.Equal(t, wantNext, next)
+
+	// Nothing new: ok with nothing (the pushes were all taken).
+	_, err = rt.Append(ctx, []chat.Delivery{msg(3, "three again")}) // a duplicate: not appended, no wake-up
+	require.NoError(t, err)
+	_, err = rt.Append(ctx, []chat.Delivery{msg(4, "four")})
+	require.NoError(t, err)
+	recvWake(t, s, 5*time.Second, "the fourth message")
+	// Asked from an older position than the pushes continue: a hole.
+	evs, n, ok := s.Since(head)
+	require.False(t, ok, "a position the pushes do not continue: %v", evs)
+	require.Equal(t, head, n)
+	// Taken anyway: they are gone now, the log has them.
+	_, _, ok = s.Since(next)
+	require.False(t, ok, "nothing pushed since: read the log")
+
+	// Another epoch's position.
+	_, err = rt.Append(ctx, []chat.Delivery{msg(5, "five")})
+	require.NoError(t, err)
+	recvWake(t, s, 5*time.Second, "the fifth message")
+	_, _, ok = s.Since(chat.Position{Epoch: "other", Offset: next.Offset + 1})
+	require.False(t, ok, "another epoch")
+
+	// A batch larger than a wake-up carries: an empty wake-up.
+	var big []chat.Delivery
+	for seq := int64(6); seq < 6+20; seq++ {
+		big = append(big, msg(seq, strings.Repeat("x", 500)))
+	}
+	_, err = rt.Append(ctx, big)
+	require.NoError(t, err)
+	recvWake(t, s, 5*time.Second, "the big batch")
+	_, _, ok = s.Since(next)
+	require.False(t, ok, "an oversized batch is not carried")
+}

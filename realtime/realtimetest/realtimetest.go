@@ -924,6 +924,31 @@ func BenchAppend(b *testing.B, open func(b *testing.B) chat.Realtime) {
 		}
 		b.ReportMetric(float64(b.N*users)/b.Elapsed().Seconds(), "recipients/s")
 	})
+	// A dispatcher round under load: 32 messages of one conversation to
+	// every member at once (one script per user holding all 32).
+	b.Run("batch32", func(b *testing.B) {
+		rt := open(b)
+		cid := fmt.Sprintf("c%d", convs.Add(1))
+		seq := int64(0)
+		ds := make([]chat.Delivery, 0, 32*users)
+		for b.Loop() {
+			ds = ds[:0]
+			for range 32 {
+				seq++
+				for u := range users {
+					ds = append(ds, chat.Delivery{UserID: fmt.Sprintf("u%d", u), Entry: &chat.LogEntry{
+						Key: fmt.Sprintf("o%s-%d", cid, seq), Type: chat.EventMessageCreated,
+						ConversationID: cid, Seq: seq, Data: data,
+					}})
+				}
+			}
+			gaps, err := rt.Append(context.Background(), ds)
+			if err != nil || len(gaps) > 0 {
+				b.Errorf("append: %v, gaps %v", err, gaps)
+			}
+		}
+		b.ReportMetric(float64(b.N*32*users)/b.Elapsed().Seconds(), "recipients/s")
+	})
 	b.Run("parallel", func(b *testing.B) {
 		rt := open(b)
 		b.SetParallelism(4) // 4 callers per CPU
