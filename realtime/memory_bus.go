@@ -26,7 +26,7 @@ type memSub struct {
 	err          error
 }
 
-func (s *memSub) Wake() <-chan struct{}           { return s.wake }
+func (s *memSub) Wake() <-chan struct{} { return s.wake }
 
 // Since implements chat.Subscription: in memory the log is as cheap to read
 // as a push would be, so wake-ups carry nothing.
