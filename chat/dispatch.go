@@ -153,15 +153,11 @@ func (d *dispatcher) sweep(ctx context.Context) {
 }
 
 // deliver appends a batch of events, in order, to the logs of their
-// recipients, fills the gaps the logs report, and updates the caches that
+// recipients (moving each message's conversation up in their lists in the
+// same step), fills the gaps the logs report, and updates the caches that
 // depend on them.
 func (s *Service) deliver(ctx context.Context, evs []OutboxEvent) error {
 	members := map[string][]string{} // per conversation, for this batch
-	type touch struct {
-		to []string
-		at time.Time
-	}
-	touches := map[string]touch{}
 	var removed [][2]string // (user, conversation) to drop from session lists
 	var ds []Delivery
 	for _, ev := range evs {
@@ -193,8 +189,6 @@ func (s *Service) deliver(ctx context.Context, evs []OutboxEvent) error {
 		}
 		ds = append(ds, evDs...)
 		switch ev.Type {
-		case EventMessageCreated:
-			touches[ev.ConversationID] = touch{to: to, at: ev.CreatedAt}
 		case EventConversationCreated:
 			// The list orders by the conversation's own last activity (as
 			// PostgreSQL does), not by when the user joined.
@@ -215,11 +209,6 @@ func (s *Service) deliver(ctx context.Context, evs []OutboxEvent) error {
 			return err
 		}
 		if err := s.fillGaps(ctx, gaps); err != nil {
-			return err
-		}
-	}
-	for cid, t := range touches {
-		if err := s.rt.TouchSessions(ctx, t.to, cid, t.at); err != nil {
 			return err
 		}
 	}
@@ -260,7 +249,9 @@ func (s *Service) deliveries(ctx context.Context, ev OutboxEvent, to []string) (
 	}
 	shared := &LogEntry{Key: ev.Key(), Type: ev.Type, ConversationID: ev.ConversationID, Data: ev.Data}
 	if ev.Type == EventMessageCreated {
-		shared.Seq = ev.Seq
+		// The conversation moves up in each recipient's list with the same
+		// step that appends the message.
+		shared.Seq, shared.Activity = ev.Seq, ev.CreatedAt
 	}
 	for _, uid := range to {
 		e := shared

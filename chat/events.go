@@ -113,6 +113,11 @@ type LogEntry struct {
 	// user left; a later re-join starts fresh).
 	Baseline int64
 	Forget   bool
+	// Activity, when set, also moves ConversationID to this time in the
+	// user's conversation list if it is cached (as SessionCache.TouchSessions,
+	// never back), whether or not the entry itself is appended: a message's
+	// delivery and its move in the list are one step per recipient.
+	Activity time.Time
 	Data     []byte
 }
 

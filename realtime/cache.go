@@ -134,6 +134,9 @@ func (r *Redis) InvalidateMembers(ctx context.Context, cid string) error {
 // so that a user with no conversations is "cached, empty" rather than a
 // miss; pages only read scores >= 0 and never see it. Filled whole from
 // PostgreSQL, moved forward by TouchSessions, expires after sessionsTTL.
+//
+// The event log's appendScript moves entries in it too (LogEntry.Activity):
+// its key carries the same user tag as the log's.
 func (r *Redis) sessionKey(uid string) string { return r.cfg.Prefix + "session:" + tag(uid) }
 
 const sessionSentinel = ""

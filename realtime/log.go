@@ -75,8 +75,9 @@ end
 `
 
 // appendScript appends one user's entries in order. KEYS: logKeys. ARGV:
-// epoch candidate, cap, ttl (ms), channel, then 7 per entry: key, type,
-// conversation id, seq, baseline, forget (1/0), data. Returns a flat list of
+// epoch candidate, cap, ttl (ms), channel, then 8 per entry: key, type,
+// conversation id, seq, baseline, forget (1/0), activity (unix ms, 0 for
+// none), data; KEYS[6] is the user's conversation list (sessionKey). Returns a flat list of
 // (entry number from 1, last seq) for the entries not appended because of a
 // gap.
 //
@@ -112,10 +113,15 @@ local first = off + 1
 local vals = {}
 local gaps = {}
 local n = 0
-for i = 5, #ARGV, 7 do
+local touch = {} -- conversation → latest activity among the entries
+for i = 5, #ARGV, 8 do
   n = n + 1
-  local key, typ, cid, data = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+6]
+  local key, typ, cid, data = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+7]
   local seq, baseline, forget = tonumber(ARGV[i+3]), tonumber(ARGV[i+4]), ARGV[i+5] == '1'
+  local activity = tonumber(ARGV[i+6])
+  if activity > 0 and activity > (touch[cid] or 0) then
+    touch[cid] = activity -- duplicates and gaps too: the message exists
+  end
   local ok = true
   if seq > 0 then
     local l = seq_of(cid)
@@ -187,6 +193,13 @@ if #vals > 0 then
     elseif redis.call('HSET', KEYS[4], cid, last[cid]) > 0 then
       refresh = true -- a conversation new to this log: maybe a new hash
     end
+  end
+end
+-- The conversation list moves only if cached (else it is filled whole from
+-- the database on its next read); GT: never back.
+if next(touch) and redis.call('EXISTS', KEYS[6]) == 1 then
+  for cid, at in pairs(touch) do
+    redis.call('ZADD', KEYS[6], 'GT', at, cid)
   end
 end
 local ttl = tonumber(ARGV[3])
@@ -265,6 +278,15 @@ func newEpoch() string {
 	return strconv.FormatInt(time.Now().UnixMilli(), 36) + strconv.FormatUint(rand.Uint64()>>24, 36)
 }
 
+// activityArg is an entry's activity as the script takes it: its session
+// score, or 0 for none.
+func activityArg(cid string, at time.Time) string {
+	if at.IsZero() || cid == sessionSentinel {
+		return "0"
+	}
+	return strconv.FormatInt(max(activityScore(at), 1), 10)
+}
+
 func boolArg(b bool) string {
 	if b {
 		return "1"
@@ -308,7 +330,7 @@ func (r *Redis) Append(ctx context.Context, ds []chat.Delivery) ([]chat.Gap, err
 	capArg := strconv.Itoa(r.cfg.LogCap)
 	calls := make([]scriptCall, len(batches))
 	for i, b := range batches {
-		args := make([]any, 0, 4+7*len(b.entries))
+		args := make([]any, 0, 4+8*len(b.entries))
 		// A fresh epoch per user (used only if the log is new): ids of
 		// different users' logs must never collide, or a Last-Event-ID of
 		// one account would be served from another's log.
@@ -316,9 +338,9 @@ func (r *Redis) Append(ctx context.Context, ds []chat.Delivery) ([]chat.Gap, err
 		for _, e := range b.entries {
 			args = append(args, e.Key, string(e.Type), e.ConversationID,
 				strconv.FormatInt(max(e.Seq, 0), 10), strconv.FormatInt(max(e.Baseline, 0), 10),
-				boolArg(e.Forget), e.Data)
+				boolArg(e.Forget), activityArg(e.ConversationID, e.Activity), e.Data)
 		}
-		calls[i] = scriptCall{keys: r.logKeys(b.uid), args: args}
+		calls[i] = scriptCall{keys: append(r.logKeys(b.uid), r.sessionKey(b.uid)), args: args}
 	}
 	cmds, err := r.runScripts(ctx, appendScript, calls)
 	if err != nil {

@@ -260,17 +260,23 @@ func (m *Memory) TouchSessions(ctx context.Context, uids []string, cid string, a
 	score := activityScore(at)
 	now := m.now()
 	for _, uid := range uids {
-		sh := m.sessions.of(uid)
-		sh.mu.Lock()
-		if s := liveSessions(sh, uid, now); s != nil {
-			if old, ok := s.score[cid]; !ok || score > old {
-				s.remove(cid)
-				s.insert(memSession{cid, score})
-			}
-		}
-		sh.mu.Unlock()
+		m.touchSession(uid, cid, score, now)
 	}
 	return nil
+}
+
+// touchSession moves cid to score in uid's list if the list is cached and
+// the score is newer.
+func (m *Memory) touchSession(uid, cid string, score int64, now time.Time) {
+	sh := m.sessions.of(uid)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if s := liveSessions(sh, uid, now); s != nil {
+		if old, ok := s.score[cid]; !ok || score > old {
+			s.remove(cid)
+			s.insert(memSession{cid, score})
+		}
+	}
 }
 
 // RemoveSession implements chat.SessionCache.

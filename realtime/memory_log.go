@@ -188,6 +188,15 @@ func (m *Memory) Append(ctx context.Context, ds []chat.Delivery) ([]chat.Gap, er
 			l.expires = now.Add(m.cfg.LogTTL)
 		}
 		l.mu.Unlock()
+		for i := -1; i < len(b.more); i++ {
+			e := b.first
+			if i >= 0 {
+				e = b.more[i]
+			}
+			if !e.Activity.IsZero() && e.ConversationID != sessionSentinel {
+				m.touchSession(b.uid, e.ConversationID, max(activityScore(e.Activity), 1), now)
+			}
+		}
 		if appended > 0 {
 			m.wake(b.uid)
 		}

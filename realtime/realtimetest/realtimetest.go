@@ -77,6 +77,7 @@ func Run(t *testing.T, h Harness) {
 		{"MemberCache/InvalidateBeforeFill", testMemberInvalidate},
 		{"SessionCache", testSessionCache},
 		{"SessionCache/Empty", testSessionEmpty},
+		{"SessionCache/AppendMoves", testAppendMovesSessions},
 		{"RateLimiter", testRateLimiter},
 		{"Ping", testPing},
 	}
@@ -825,6 +826,59 @@ func testSessionCache(t *testing.T, h Harness) {
 	all, _, err = rt.SessionPage(ctx, "alice", nil, 100)
 	require.NoError(t, err)
 	require.Equal(t, []string{"c1"}, ids(all))
+}
+
+// A message's log entry with an Activity moves its conversation in the
+// recipient's cached list in the same step (never back, duplicates too), and
+// leaves an uncached list uncached.
+func testAppendMovesSessions(t *testing.T, h Harness) {
+	rt := h.New(t)
+	ctx := ctxFor(t)
+	t0 := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	require.NoError(t, rt.FillSessions(ctx, "alice", []chat.Activity{
+		{ConversationID: "c1", At: t0}, {ConversationID: "c2", At: t0.Add(time.Second)}}))
+	list := func(uid string) []string {
+		items, ok, err := rt.SessionPage(ctx, uid, nil, 10)
+		require.NoError(t, err)
+		if !ok {
+			return nil
+		}
+		return ids(items)
+	}
+	msg := func(cid string, seq int64, at time.Time) *chat.LogEntry {
+		return &chat.LogEntry{Key: fmt.Sprint("m", cid, seq), Type: chat.EventMessageCreated, ConversationID: cid,
+			Seq: seq, Activity: at, Data: []byte(`{}`)}
+	}
+	e := msg("c1", 1, t0.Add(2*time.Second))
+	_, err := rt.Append(ctx, []chat.Delivery{{UserID: "alice", Entry: e}, {UserID: "bob", Entry: e}})
+	require.NoError(t, err)
+	require.Equal(t, []string{"c1", "c2"}, list("alice"))
+	require.Nil(t, list("bob"), "an uncached list stays uncached")
+
+	_, err = rt.Append(ctx, []chat.Delivery{{UserID: "alice", Entry: msg("c2", 1, t0)}})
+	require.NoError(t, err)
+	require.Equal(t, []string{"c1", "c2"}, list("alice"), "an older activity does not move back")
+
+	// A duplicate of c2's message, re-dispatched with a later time, still
+	// moves it; a new conversation enters the list.
+	_, err = rt.Append(ctx, []chat.Delivery{
+		{UserID: "alice", Entry: msg("c2", 1, t0.Add(3*time.Second))},
+		{UserID: "alice", Entry: msg("c3", 1, t0.Add(4*time.Second))},
+	})
+	require.NoError(t, err)
+	require.Equal(t, []string{"c3", "c2", "c1"}, list("alice"))
+	items, _, err := rt.SessionPage(ctx, "alice", nil, 1)
+	require.NoError(t, err)
+	require.True(t, items[0].At.Equal(t0.Add(4*time.Second)), "the activity time: %v", items[0].At)
+	evs, _, err := rt.Read(ctx, "alice", chat.Position{}, 10)
+	var rs *chat.ResyncError
+	if errors.As(err, &rs) { // an implementation may want a real position: read from the head's epoch
+		head, herr := rt.Head(ctx, "alice")
+		require.NoError(t, herr)
+		evs, _, err = rt.Read(ctx, "alice", chat.Position{Epoch: head.Epoch}, 10)
+	}
+	require.NoError(t, err)
+	require.Len(t, evs, 3, "the duplicate was not appended")
 }
 
 func testSessionEmpty(t *testing.T, h Harness) {
