@@ -158,7 +158,7 @@ func (d *dispatcher) sweep(ctx context.Context) {
 // depend on them.
 func (s *Service) deliver(ctx context.Context, evs []OutboxEvent) error {
 	members := map[string][]string{} // per conversation, for this batch
-	var removed [][2]string // (user, conversation) to drop from session lists
+	var removed [][2]string          // (user, conversation) to drop from session lists
 	var ds []Delivery
 	for _, ev := range evs {
 		switch ev.Type {
