@@ -3,8 +3,11 @@ package store
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -46,7 +49,16 @@ const benchConversations = 1000
 func benchStores(b *testing.B) map[string]func(b *testing.B) *Store {
 	return map[string]func(b *testing.B) *Store{
 		"postgres": func(b *testing.B) *Store {
-			s, err := Open(context.Background(), testenv.DatabaseURL(b))
+			if v := os.Getenv("IMD_BENCH_LANES"); v != "" {
+				n, err := strconv.Atoi(v)
+				if err != nil {
+					b.Fatal(err)
+				}
+				old := SendLanes
+				SendLanes = n
+				b.Cleanup(func() { SendLanes = old })
+			}
+			s, err := Open(context.Background(), testenv.DatabaseURL(b)+"&application_name="+benchAppName())
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -122,7 +134,11 @@ func benchSend(ctx context.Context, s *Store) error {
 // runSenders runs b.N sends spread over senders goroutines and reports
 // msgs/s and the p50 and p99 of the time each send took.
 func runSenders(b *testing.B, s *Store, senders int, send func(n int64) error) {
-	batches := s.c.batches.Load()
+	before := batches(s)
+	var cpu0 map[int]time.Duration
+	if !s.d.sqlite() {
+		cpu0 = backendCPUs(b, s)
+	}
 	var (
 		lat  latencies
 		next atomic.Int64
@@ -152,7 +168,12 @@ func runSenders(b *testing.B, s *Store, senders int, send func(n int64) error) {
 	elapsed := time.Since(start)
 	b.StopTimer()
 	lat.report(b, "msgs", elapsed)
-	if n := s.c.batches.Load() - batches; n > 0 {
+	if cpu0 != nil {
+		if used := backendCPU(b, s, cpu0); used > 0 {
+			b.ReportMetric(float64(used.Microseconds())/float64(b.N), "pg-cpu-us/msg")
+		}
+	}
+	if n := batches(s) - before; n > 0 {
 		b.ReportMetric(float64(b.N)/float64(n), "msgs/batch")
 	}
 }
@@ -319,4 +340,55 @@ func BenchmarkSendWithReads(b *testing.B) {
 			reads.report(b, "reads", elapsed)
 		})
 	}
+}
+
+// benchAppName is the application_name of a benchmark's PostgreSQL
+// connections, which finds their backends (backendCPUs) among those of
+// whatever else uses the server.
+func benchAppName() string {
+	return fmt.Sprintf("imdbench%d_%d", os.Getpid(), benchStoreNo.Add(1))
+}
+
+var benchStoreNo atomic.Int64
+
+// backendCPUs is the CPU time used so far by each PostgreSQL backend of s's
+// connections, by pid, read from /proc (the server runs on this machine in
+// these benchmarks; nil if it does not).
+func backendCPUs(b *testing.B, s *Store) map[int]time.Duration {
+	var pids []int
+	if err := s.db.Select(&pids,
+		`SELECT pid FROM pg_stat_activity WHERE application_name = current_setting('application_name')`); err != nil {
+		b.Fatal(err)
+	}
+	out := make(map[int]time.Duration, len(pids))
+	for _, pid := range pids {
+		raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return nil
+		}
+		// The fields after the command, which is in parentheses: utime and
+		// stime are the 12th and 13th, in clock ticks (100 a second).
+		_, rest, _ := strings.Cut(string(raw), ") ")
+		f := strings.Fields(rest)
+		if len(f) < 13 {
+			return nil
+		}
+		ut, _ := strconv.ParseInt(f[11], 10, 64)
+		st, _ := strconv.ParseInt(f[12], 10, 64)
+		out[pid] = time.Duration(ut+st) * 10 * time.Millisecond
+	}
+	return out
+}
+
+// backendCPU is the CPU time s's backends used since cpu0 (backendCPUs).
+func backendCPU(b *testing.B, s *Store, cpu0 map[int]time.Duration) time.Duration {
+	cpu1 := backendCPUs(b, s)
+	if cpu1 == nil {
+		return 0
+	}
+	var used time.Duration
+	for pid, t := range cpu1 {
+		used += t - cpu0[pid]
+	}
+	return used
 }

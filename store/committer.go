@@ -16,9 +16,11 @@ import (
 // SQLite) and a conversation row lock held across several round trips, so
 // sends into one conversation queue behind each other's commits (DESIGN.md §8:
 // ~4,300 msg/s across conversations, ~860 msg/s into one, on this machine's
-// PostgreSQL). Instead each Store has one committer: Send queues its message
-// and waits; the committer takes the queued messages as one batch, stores them
-// in one transaction (sendBatch) and answers every sender after the commit (G1).
+// PostgreSQL). Instead each Store has committers (SendLanes of them, each
+// serving a fixed share of the conversations): Send queues its message with
+// its conversation's committer and waits; the committer takes the queued
+// messages as one batch, stores them in one transaction (sendBatch) and
+// answers every sender after the commit (G1).
 //
 // A request whose context ends while it is queued is dropped with its
 // context's error and never stored; once its batch has started, it waits for
@@ -44,14 +46,42 @@ const (
 	// Tests set a delay to shape batches (holdBatches).
 	SendBatchDelay time.Duration = 0
 	// MaxSendBatch caps a batch: it bounds how long a transaction holds its
-	// conversation locks and the statements' parameters (8 per message:
-	// 2,048, far below PostgreSQL's 65,535 and SQLite's 32,766). At ~30
+	// conversation locks and SQLite's statements' parameters (8 per message:
+	// 2,048, far below its 32,766; PostgreSQL's take arrays). At ~30
 	// messages a batch the fixed cost of a transaction (round trips, the
 	// commit) is already spread thin (PostgreSQL: ~6 ms a batch of 32 under
 	// load here), so a larger cap would buy little throughput for longer
 	// lock holds; it only matters with hundreds of sends in flight.
 	MaxSendBatch = 256
 )
+
+// SendLanes is how many committers ("lanes") a PostgreSQL store runs (SQLite:
+// one, its single writer runs one transaction at a time anyway), read when
+// the store opens. A conversation always takes the same lane (laneOf), which
+// commits its batches one after another; the lanes' transactions run at
+// once, so one's round trips and commit flush overlap another's. But lanes
+// split the queue, and smaller batches cost the database more per message.
+// Measured on this machine (2 cores, shared with other load; 64 senders over
+// 1000 conversations, BenchmarkSendManyConversations, interleaved runs,
+// medians of 3): 1 lane ~33 messages a batch, 5,611 msg/s at 60 µs of
+// PostgreSQL CPU a message; 2 lanes ~17 a batch, 5,878 msg/s at 90 µs; with
+// the earlier statements (five a batch, VALUES lists) 4 lanes (~9 a batch)
+// and 8 (~4) cost 2–4× the CPU a message and were slower. On 2 cores the
+// database's CPU is the limit, so one lane; more pay off only with cores to
+// spare (the benchmarks take IMD_BENCH_LANES).
+var SendLanes = 1
+
+// laneOf maps a conversation to one of n lanes (FNV-1a of its id), so that
+// its sends are always committed by the same lane, one batch after another:
+// their order, and the row lock each batch takes, stay as with one committer.
+func laneOf(cid string, n int) int {
+	h := uint32(2166136261)
+	for i := 0; i < len(cid); i++ {
+		h ^= uint32(cid[i])
+		h *= 16777619
+	}
+	return int(h % uint32(n))
+}
 
 // errClosed answers sends queued when the store closes and sends after it.
 var errClosed = chat.Unavailable("database", errors.New("store: closed"))

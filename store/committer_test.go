@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"imd/chat"
@@ -39,11 +40,15 @@ func openPostgresT(t *testing.T, dsn string) *Store {
 	return s
 }
 
-// bothDialects runs fn on a new store of each dialect, in parallel.
+// bothDialects runs fn on a new store of each dialect, in parallel; the
+// PostgreSQL store has one lane, so that fn can shape batches of sends into
+// several conversations.
 func bothDialects(t *testing.T, fn func(t *testing.T, s *Store)) {
 	t.Run("postgres", func(t *testing.T) {
 		t.Parallel()
-		fn(t, openPostgresT(t, testenv.DatabaseURL(t)))
+		s := openPostgresT(t, testenv.DatabaseURL(t))
+		oneLane(s)
+		fn(t, s)
 	})
 	t.Run("sqlite", func(t *testing.T) {
 		t.Parallel()
@@ -52,22 +57,65 @@ func bothDialects(t *testing.T, fn func(t *testing.T, s *Store)) {
 	})
 }
 
-// setBatching changes the committer's delay and batch size, and ends the
-// wait of a batch being gathered.
+// setBatching changes every lane's delay and batch size, and ends the wait
+// of a batch being gathered.
 func setBatching(s *Store, delay time.Duration, max int) {
-	s.c.mu.Lock()
-	s.c.delay, s.c.max = delay, max
-	s.c.mu.Unlock()
-	signal(s.c.full)
+	for _, c := range s.lanes {
+		c.mu.Lock()
+		c.delay, c.max = delay, max
+		c.mu.Unlock()
+		signal(c.full)
+	}
 }
 
-// holdBatches makes the committer start a batch only once n sends are queued.
+// holdBatches makes each lane start a batch only once n sends are queued in
+// it: the sends of one conversation, or of several once the store has one
+// lane (oneLane).
 func holdBatches(s *Store, n int) { setBatching(s, time.Hour, n) }
 
+// oneLane replaces an idle store's lanes by one, so that sends into several
+// conversations share batches.
+func oneLane(s *Store) { setLanes(s, 1) }
+
+// setLanes replaces an idle store's lanes by n.
+func setLanes(s *Store, n int) {
+	for _, c := range s.lanes {
+		c.close()
+	}
+	s.lanes = make([]*committer, n)
+	for i := range s.lanes {
+		s.lanes[i] = newCommitter(s)
+	}
+}
+
+// inLane returns a conversation id of the form prefix<n> that s commits in
+// lane.
+func inLane(s *Store, prefix string, lane int) string {
+	for n := 0; ; n++ {
+		if cid := fmt.Sprintf("%s%d", prefix, n); laneOf(cid, len(s.lanes)) == lane {
+			return cid
+		}
+	}
+}
+
+// queued is the number of sends queued in all lanes.
 func queued(s *Store) int {
-	s.c.mu.Lock()
-	defer s.c.mu.Unlock()
-	return len(s.c.queue)
+	n := 0
+	for _, c := range s.lanes {
+		c.mu.Lock()
+		n += len(c.queue)
+		c.mu.Unlock()
+	}
+	return n
+}
+
+// batches is the number of transactions the lanes have run.
+func batches(s *Store) int64 {
+	var n int64
+	for _, c := range s.lanes {
+		n += c.batches.Load()
+	}
+	return n
 }
 
 type sendOutcome struct {
@@ -164,9 +212,9 @@ func TestSendBatchMixed(t *testing.T) {
 		}
 		ms[1].Metadata = []byte(`{"b":2, "a":1.0}`) // the same JSON value
 		holdBatches(s, len(ms))
-		before := s.c.batches.Load()
+		before := batches(s)
 		out := sendInOrder(t, ctx, s, ms)
-		require.Equal(t, before+1, s.c.batches.Load(), "one transaction")
+		require.Equal(t, before+1, batches(s), "one transaction")
 
 		type want struct {
 			seq     int64
@@ -275,9 +323,9 @@ func TestSendBatchPoison(t *testing.T) {
 				{ID: bad.name + "4", ConversationID: "g", SenderID: "bob", Text: "4", CreatedAt: chat.Now()},
 			}
 			holdBatches(s, len(ms))
-			before := s.c.batches.Load()
+			before := batches(s)
 			out := sendInOrder(t, ctx, s, ms)
-			require.Equal(t, before+1+int64(len(ms)), s.c.batches.Load(), "%s: the batch, then each request alone", bad.name)
+			require.Equal(t, before+1+int64(len(ms)), batches(s), "%s: the batch, then each request alone", bad.name)
 			require.Equal(t, bad.code, chat.ErrorCode(out[2].err), "%s: %v", bad.name, out[2].err)
 			for i, seq := range map[int]int64{0: base + 1, 1: base + 2, 4: base + 3} {
 				require.NoError(t, out[i].err, bad.name)
@@ -310,13 +358,13 @@ func TestSendBatchDatabaseDown(t *testing.T) {
 	}
 	holdBatches(s, len(ms))
 	proxy.Down()
-	before := s.c.batches.Load()
+	before := batches(s)
 	start := time.Now()
 	out := sendInOrder(t, ctx, s, ms)
 	for i, o := range out {
 		require.Equal(t, chat.CodeUnavailable, chat.ErrorCode(o.err), "request %d: %v", i, o.err)
 	}
-	require.Equal(t, before+1, s.c.batches.Load(), "unavailable: no retry one by one")
+	require.Equal(t, before+1, batches(s), "unavailable: no retry one by one")
 	require.Less(t, time.Since(start), 10*time.Second, "fails fast")
 
 	proxy.Up()
@@ -439,7 +487,7 @@ func TestSendContextEndsInBatch(t *testing.T) {
 
 	short, cancel := context.WithCancel(ctx)
 	holdBatches(s, 2)
-	before := s.c.batches.Load()
+	before := batches(s)
 	type result struct {
 		m   chat.Message
 		err error
@@ -455,7 +503,7 @@ func TestSendContextEndsInBatch(t *testing.T) {
 			testenv.Eventually(t, 10*time.Second, func() bool { return queued(s) == 1 }, "queued")
 		}
 	}
-	testenv.Eventually(t, 10*time.Second, func() bool { return s.c.batches.Load() == before+1 }, "the batch started")
+	testenv.Eventually(t, 10*time.Second, func() bool { return batches(s) == before+1 }, "the batch started")
 	cancel() // the batch is waiting for the lock
 	select {
 	case r := <-results:
@@ -623,4 +671,101 @@ func sortedCopy(s []int64) []int64 {
 	out := slices.Clone(s)
 	slices.Sort(out)
 	return out
+}
+
+// Sends into many conversations at once over several lanes: each
+// conversation stays gapless and in one lane's order (G3), and every send is
+// stored once.
+func TestSendLanesGapless(t *testing.T) {
+	ctx := batchCtx(t)
+	s := openPostgresT(t, testenv.DatabaseURL(t))
+	setLanes(s, 4)
+	setupUsers(t, ctx, s, "ann", "bob")
+	const convs, workers, each = 8, 16, 40
+	cids := make([]string, convs)
+	lanes := map[int]bool{}
+	for i := range cids {
+		cids[i] = fmt.Sprintf("g%d", i)
+		lanes[laneOf(cids[i], len(s.lanes))] = true
+		setupGroupOf(t, ctx, s, cids[i], "ann", "bob")
+	}
+	require.Greater(t, len(lanes), 1, "the conversations use several lanes")
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Go(func() {
+			for j := range each {
+				m := chat.NewMessage{ID: fmt.Sprintf("m%d-%d", w, j), ConversationID: cids[(w+j)%convs],
+					SenderID: []string{"ann", "bob"}[j%2], Text: "x", ClientMsgID: fmt.Sprintf("k%d-%d", w, j), CreatedAt: chat.Now()}
+				got, created, _, err := s.Send(ctx, m)
+				if !assert.NoError(t, err) {
+					return
+				}
+				assert.True(t, created)
+				assert.Equal(t, m.ConversationID, got.ConversationID)
+			}
+		})
+	}
+	wg.Wait()
+	total := 0
+	for _, cid := range cids {
+		seqs := msgSeqs(t, ctx, s, cid)
+		require.Equal(t, seqRangeT(int64(len(seqs))), seqs, "%s gapless", cid)
+		total += len(seqs)
+	}
+	require.Equal(t, workers*each, total)
+}
+
+// A lane whose batch is stuck (its conversation locked by another
+// transaction) and then fails does not hold up or fail the other lanes, and
+// stores nothing: its conversation stays gapless.
+func TestSendLaneFailureIsolated(t *testing.T) {
+	ctx := batchCtx(t)
+	s := openPostgresT(t, testenv.DatabaseURL(t))
+	setLanes(s, 2)
+	setupUsers(t, ctx, s, "ann", "bob")
+	stuck, free := inLane(s, "a", 0), inLane(s, "b", 1)
+	setupGroupOf(t, ctx, s, stuck, "ann", "bob")
+	setupGroupOf(t, ctx, s, free, "ann", "bob")
+	send := func(ctx context.Context, cid, id string) (chat.Message, error) {
+		m, _, _, err := s.Send(ctx, chat.NewMessage{ID: id, ConversationID: cid, SenderID: "ann", Text: id, CreatedAt: chat.Now()})
+		return m, err
+	}
+	_, err := send(ctx, free, "f1")
+	require.NoError(t, err)
+
+	// Another transaction holds the stuck conversation's row lock.
+	other, err := s.DB().BeginTxx(ctx, nil)
+	require.NoError(t, err)
+	defer func() { _ = other.Rollback() }()
+	_, err = other.ExecContext(ctx, `SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE`, stuck)
+	require.NoError(t, err)
+
+	before := batches(s)
+	short, cancel := context.WithCancel(ctx)
+	failed := make(chan error, 1)
+	go func() {
+		_, err := send(short, stuck, "s1")
+		failed <- err
+	}()
+	testenv.Eventually(t, 10*time.Second, func() bool { return batches(s) == before+1 }, "the stuck batch started")
+
+	// The other lane commits meanwhile.
+	m, err := send(ctx, free, "f2")
+	require.NoError(t, err)
+	require.Equal(t, int64(2), m.Seq)
+
+	// The stuck batch fails once its only sender gives up; nothing stored.
+	cancel()
+	err = <-failed
+	require.Error(t, err)
+	require.NoError(t, other.Rollback())
+	require.Empty(t, msgSeqs(t, ctx, s, stuck))
+
+	// Both lanes go on, gapless.
+	m, err = send(ctx, stuck, "s2")
+	require.NoError(t, err)
+	require.Equal(t, int64(1), m.Seq)
+	m, err = send(ctx, free, "f3")
+	require.NoError(t, err)
+	require.Equal(t, int64(3), m.Seq)
 }

@@ -168,7 +168,8 @@ func jsonArray[T any](vs []T) string {
 // casts and needs none. "" leaves a parameter bare (text, or typed by an
 // INSERT's target column).
 //
-// VALUES lists carry the rows of the batched send (sendBatch): the drivers
+// VALUES lists carry the rows of SQLite's batched send writes
+// (writeSendsSQLite; PostgreSQL's take arrays, send.go): the drivers
 // bind each value natively, so every byte of a text arrives as given and
 // each dialect's usual errors come back for bad values, and one statement
 // text serves both databases. At most MaxSendBatch rows of 8 parameters:

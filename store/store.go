@@ -61,15 +61,35 @@ type Store struct {
 	// connection. rdb runs reads outside transactions: on PostgreSQL it is
 	// db, on SQLite a pool of read-only connections (see openSQLite).
 	db, rdb *sqlx.DB
-	// c group-commits sends (committer.go).
-	c *committer
+	// lanes group-commit sends (committer.go): a conversation's sends
+	// always go through the same lane, lanes[laneOf(cid)].
+	lanes []*committer
+	// stmts are sendBatch's prepared statements.
+	stmts sendStmts
 }
 
-// newStore returns a Store over its pools, with its committer running.
+// newStore returns a Store over its pools, with its committers running:
+// SendLanes of them on PostgreSQL, one on SQLite (its single writer runs
+// one transaction at a time anyway).
 func newStore(d *dialect, db, rdb *sqlx.DB) *Store {
 	s := &Store{d: d, db: db, rdb: rdb}
-	s.c = newCommitter(s)
+	n := SendLanes
+	if d.sqlite() {
+		n = 1
+	}
+	s.lanes = make([]*committer, n)
+	for i := range s.lanes {
+		s.lanes[i] = newCommitter(s)
+	}
 	return s
+}
+
+// lane is the committer of conversation cid's sends.
+func (s *Store) lane(cid string) *committer {
+	if len(s.lanes) == 1 {
+		return s.lanes[0]
+	}
+	return s.lanes[laneOf(cid, len(s.lanes))]
 }
 
 // Open connects to databaseURL, checks that the database answers and
@@ -130,10 +150,13 @@ func (s *Store) DB() *sqlx.DB { return s.db }
 // Dialect names the database: "postgres" or "sqlite".
 func (s *Store) Dialect() string { return s.d.name }
 
-// Close stops the committer — a batch of sends in flight finishes, sends still
+// Close stops the committers — a batch of sends in flight finishes, sends still
 // queued fail as unavailable, as do sends after Close — then closes the pools.
 func (s *Store) Close() error {
-	s.c.close()
+	for _, c := range s.lanes {
+		c.close()
+	}
+	s.stmts.close()
 	err := s.db.Close()
 	if s.rdb != s.db {
 		err = errors.Join(err, s.rdb.Close())
