@@ -329,6 +329,9 @@ func (r *Redis) Append(ctx context.Context, ds []chat.Delivery) ([]chat.Gap, err
 	ttl := strconv.FormatInt(ttlMillis(r.cfg.LogTTL), 10)
 	capArg := strconv.Itoa(r.cfg.LogCap)
 	calls := make([]scriptCall, len(batches))
+	// A message goes to every member with the same *LogEntry: its arguments
+	// are formatted once, not once per recipient.
+	entryArgs := make(map[*chat.LogEntry][]any)
 	for i, b := range batches {
 		args := make([]any, 0, 4+8*len(b.entries))
 		// A fresh epoch per user (used only if the log is new): ids of
@@ -336,9 +339,14 @@ func (r *Redis) Append(ctx context.Context, ds []chat.Delivery) ([]chat.Gap, err
 		// one account would be served from another's log.
 		args = append(args, newEpoch(), capArg, ttl, r.userChannel(b.uid))
 		for _, e := range b.entries {
-			args = append(args, e.Key, string(e.Type), e.ConversationID,
-				strconv.FormatInt(max(e.Seq, 0), 10), strconv.FormatInt(max(e.Baseline, 0), 10),
-				boolArg(e.Forget), activityArg(e.ConversationID, e.Activity), e.Data)
+			ea, ok := entryArgs[e]
+			if !ok {
+				ea = []any{e.Key, string(e.Type), e.ConversationID,
+					strconv.FormatInt(max(e.Seq, 0), 10), strconv.FormatInt(max(e.Baseline, 0), 10),
+					boolArg(e.Forget), activityArg(e.ConversationID, e.Activity), e.Data}
+				entryArgs[e] = ea
+			}
+			args = append(args, ea...)
 		}
 		calls[i] = scriptCall{keys: append(r.logKeys(b.uid), r.sessionKey(b.uid)), args: args}
 	}
