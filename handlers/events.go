@@ -1,10 +1,11 @@
 package handlers
 
 import (
-	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"time"
@@ -113,83 +114,59 @@ func (s *Server) streamContext(parent context.Context) (context.Context, context
 	return ctx, func() { stop(); cancel() }
 }
 
+// stream serves the SSE form. The stream runs on a goroutine of its own,
+// started fresh: once the sink has taken the connection over (sse.go) the
+// handler returns, and the request's goroutine, deep from the middleware
+// and authentication, is gone while the stream idles. Until then the
+// handler waits, so that an error before the first frame can still be a
+// proper problem+json, and the request's end (the client gone) ends the
+// stream; after it, the sink's watchPeer does.
 func (s *Server) stream(w http.ResponseWriter, r *http.Request, p chat.Principal, lastID string) {
+	// Not derived from the request's context: net/http cancels that when
+	// the handler returns, which is when the stream has only begun.
+	ctx, cancel := context.WithCancel(s.streams)
+	stopReq := context.AfterFunc(r.Context(), cancel)
+	sink := newSSESink(w, r, s.cfg.StreamWriteTimeout, cancel)
+	done := make(chan error, 1)
 	s.streamWG.Add(1)
-	defer s.streamWG.Done()
-	ctx, cancel := s.streamContext(r.Context())
-	defer cancel()
 	s.metrics.streams.Inc()
-	defer s.metrics.streams.Dec()
-
-	sink := &sseSink{w: w, rc: http.NewResponseController(w), timeout: s.cfg.StreamWriteTimeout}
-	err := s.svc.Stream(ctx, p, lastID, sink)
-	if !sink.started {
-		if err == nil {
-			err = chat.Unavailable("event stream", errors.New("stream ended before it started"))
+	go s.runStream(ctx, cancel, p, lastID, sink, done)
+	select {
+	case <-sink.detached:
+		stopReq()
+	case err := <-done:
+		stopReq()
+		if !sink.started {
+			if err == nil {
+				err = chat.Unavailable("event stream", errors.New("stream ended before it started"))
+			}
+			writeError(w, r, s.log, err) // nothing sent yet: a proper error response
 		}
-		writeError(w, r, s.log, err) // nothing sent yet: a proper error response
-		return
 	}
-	if err != nil && !errors.Is(err, context.Canceled) {
+}
+
+// runStream is the stream's goroutine. It reports how the stream ended on
+// done (read by the handler only while it still owns the response).
+func (s *Server) runStream(ctx context.Context, cancel context.CancelFunc, p chat.Principal, lastID string, sink *sseSink, done chan<- error) {
+	var err error
+	defer func() {
+		if v := recover(); v != nil {
+			// No recoverer middleware above this goroutine: a panic must
+			// end this stream, not the process. Before the first frame the
+			// handler answers (and logs) it as a 500.
+			err = chat.Internal(fmt.Errorf("panic: %v\n%s", v, debug.Stack()))
+			if sink.started {
+				s.log.Error("stream panic", "user", p.UserID, "err", err)
+			}
+		}
+		sink.finish()
+		cancel()
+		s.metrics.streams.Dec()
+		s.streamWG.Done()
+		done <- err
+	}()
+	err = s.svc.Stream(ctx, p, lastID, sink)
+	if sink.started && err != nil && !errors.Is(err, context.Canceled) {
 		s.log.Debug("stream ended", "user", p.UserID, "err", err)
 	}
-}
-
-// sseSink writes SSE frames. Only the stream's goroutine uses it. Headers go
-// out with the first write, so an error before it can still be a problem+json.
-type sseSink struct {
-	timeout time.Duration
-	w       http.ResponseWriter
-	rc      *http.ResponseController
-	started bool
-	buf     bytes.Buffer
-}
-
-func (k *sseSink) start() {
-	h := k.w.Header()
-	h.Set("Content-Type", "text/event-stream")
-	h.Set("Cache-Control", "no-cache")
-	h.Set("X-Accel-Buffering", "no") // nginx: do not buffer the stream
-	h.Set("Connection", "keep-alive")
-	k.w.WriteHeader(http.StatusOK)
-	k.buf.WriteString("retry: " + strconv.Itoa(retryMillis) + "\n\n")
-	k.started = true
-}
-
-// Send writes a batch of events as one write and one flush.
-func (k *sseSink) Send(evs []chat.StreamEvent) error {
-	if !k.started {
-		k.start()
-	}
-	for _, ev := range evs {
-		if ev.ID != "" {
-			k.buf.WriteString("id: " + ev.ID + "\n")
-		}
-		k.buf.WriteString("event: " + string(ev.Type) + "\n")
-		// JSON has no raw newlines, so the data fits one data: line.
-		k.buf.WriteString("data: ")
-		k.buf.Write(ev.Data)
-		k.buf.WriteString("\n\n")
-	}
-	return k.flush()
-}
-
-// Ping writes a comment line that keeps proxies from closing an idle stream.
-func (k *sseSink) Ping() error {
-	if !k.started {
-		k.start()
-	}
-	k.buf.WriteString(": ping\n\n")
-	return k.flush()
-}
-
-func (k *sseSink) flush() error {
-	// The server's WriteTimeout must not kill long streams; each write gets its own deadline.
-	_ = k.rc.SetWriteDeadline(time.Now().Add(k.timeout))
-	_, err := k.w.Write(k.buf.Bytes())
-	k.buf.Reset()
-	if err != nil {
-		return err
-	}
-	return k.rc.Flush()
 }

@@ -40,6 +40,15 @@ const (
 	// DefaultShutdownGrace bounds a graceful stop; streams are ended first,
 	// so only in-flight requests remain.
 	DefaultShutdownGrace = 10 * time.Second
+	// DefaultStreamEventBuffer is how many ephemeral and control events
+	// (typing, presence, token revocation) may wait for one stream; a stream
+	// further behind is ended and resumes from its log. Not realtime's 64:
+	// the buffer is allocated per open stream whether or not anything
+	// arrives (64 events are 4 KiB, 16 are 1 KiB, docs/performance.md
+	// "idle"), and the stream's goroutine empties it between two writes, so
+	// it only fills while a write to a client that does not read blocks,
+	// which the write timeout ends anyway.
+	DefaultStreamEventBuffer = 16
 )
 
 // config is everything the server is configured with: flags, each with an
@@ -64,6 +73,7 @@ type config struct {
 	corsOrigins  []string // browser apps on other origins (handlers/web.go)
 	pprofAddr    string   // profiling listener; empty: off
 	streamWrite  time.Duration
+	eventBuffer  int // per-stream buffer of ephemeral events (realtime.Config.EventBuffer)
 }
 
 func parseConfig(cmd string, args []string, getenv func(string) string, stderr io.Writer) (config, error) {
@@ -100,6 +110,8 @@ func parseConfig(cmd string, args []string, getenv func(string) string, stderr i
 	num(&c.sendBurst, "send-burst", "IMD_SEND_BURST", chat.DefaultSendBurst, "messages a user may send at once")
 	num(&c.loginRate, "login-rate", "IMD_LOGIN_RATE", chat.DefaultLoginRate, "failed logins per minute per username and per address; 0 off")
 	num(&c.maxTextBytes, "max-text-bytes", "IMD_MAX_TEXT_BYTES", chat.DefaultMaxTextBytes, "largest message text in bytes")
+	num(&c.eventBuffer, "stream-event-buffer", "IMD_STREAM_EVENT_BUFFER", DefaultStreamEventBuffer,
+		"ephemeral events (typing, presence) that may wait for one stream before it is ended as too slow")
 	num(&c.logCap, "log-cap", "IMD_LOG_CAP", realtime.DefaultLogCap, "events kept per user for resume")
 	str(&c.logLevel, "log-level", "IMD_LOG_LEVEL", "info", "debug, info, warn or error")
 	str(&c.pprofAddr, "pprof-addr", "IMD_PPROF_ADDR", "",
@@ -150,6 +162,8 @@ func parseConfig(cmd string, args []string, getenv func(string) string, stderr i
 		return c, errors.New("rates must not be negative and the burst must be at least 1")
 	case c.maxTextBytes < 1:
 		return c, errors.New("IMD_MAX_TEXT_BYTES must be positive")
+	case c.eventBuffer < 1:
+		return c, errors.New("IMD_STREAM_EVENT_BUFFER must be positive")
 	}
 	return c, nil
 }
@@ -177,7 +191,7 @@ func (c config) http(spec []byte) handlers.Config {
 }
 
 func (c config) realtime() realtime.Config {
-	return realtime.Config{Prefix: c.redisPrefix, LogCap: c.logCap, LogTTL: c.logTTL}
+	return realtime.Config{Prefix: c.redisPrefix, LogCap: c.logCap, LogTTL: c.logTTL, EventBuffer: c.eventBuffer}
 }
 
 // mode describes the storage and real-time back ends in one line, logged at

@@ -159,7 +159,10 @@ func serve(ctx context.Context, cfg config, st *store.Store, log *slog.Logger, s
 	case <-ctx.Done():
 	}
 	log.Info("shutting down")
-	h.CloseStreams() // Shutdown waits for connections that never go idle otherwise
+	// Streams first: Shutdown does not see them (a stream's connection is
+	// taken over from net/http once it starts) or, where it does, would
+	// wait for them forever (they never go idle).
+	h.CloseStreams()
 	sctx, cancel := context.WithTimeout(context.Background(), DefaultShutdownGrace)
 	defer cancel()
 	if serr := srv.Shutdown(sctx); serr != nil && err == nil {
