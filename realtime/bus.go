@@ -512,31 +512,31 @@ func (b *bus) close() {
 
 var errBadPush = errors.New("realtime: malformed pushed entries")
 
-// parsePush parses a wake-up that carries entries: "L <epoch> " then each
-// entry as "<length>:<offset> <type> <data>" (appendScript).
+// parsePush parses a wake-up that carries entries: "L <epoch> <offset of
+// the first> " then each entry as "<length>:<type> <data>" (appendScript).
 func parsePush(payload string) (pushBatch, error) {
 	rest := payload[len("L "):]
 	epoch, rest, ok := strings.Cut(rest, " ")
 	if !ok || epoch == "" {
 		return pushBatch{}, errBadPush
 	}
-	pb := pushBatch{epoch: epoch}
+	fs, rest, ok := strings.Cut(rest, " ")
+	first, err := strconv.ParseInt(fs, 10, 64)
+	if !ok || err != nil || first < 1 {
+		return pushBatch{}, errBadPush
+	}
+	pb := pushBatch{epoch: epoch, first: first}
 	for rest != "" {
 		ls, after, ok := strings.Cut(rest, ":")
 		n, err := strconv.Atoi(ls)
 		if !ok || err != nil || n < 0 || n > len(after) {
 			return pushBatch{}, errBadPush
 		}
-		off, typ, data, err := parseEntry(after[:n])
+		typ, data, err := parseEntry(after[:n])
 		if err != nil {
 			return pushBatch{}, errBadPush
 		}
-		if len(pb.events) == 0 {
-			pb.first = off
-		} else if off != pb.first+int64(len(pb.events)) {
-			return pushBatch{}, errBadPush
-		}
-		id := chat.Position{Epoch: epoch, Offset: off}.String()
+		id := chat.Position{Epoch: epoch, Offset: first + int64(len(pb.events))}.String()
 		pb.events = append(pb.events, chat.StreamEvent{ID: id, Type: chat.EventType(typ), Data: []byte(data)})
 		rest = after[n:]
 	}

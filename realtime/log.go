@@ -17,8 +17,8 @@ import (
 // A user's event log is five keys, all tagged with the user id (one cluster
 // slot), always written by the scripts below and expired together:
 //
-//	<prefix>offline:{<uid>}        list: the entries, "<offset> <type> <data>",
-//	                               oldest first, capped at LogCap (LTRIM)
+//	<prefix>offline:{<uid>}        list: the entries, "<type> <data>", oldest
+//	                               first, capped at LogCap (LTRIM)
 //	<prefix>offline:seq:{<uid>}    string: the offset counter = offset of the
 //	                               newest entry (INCR); the head of the log
 //	<prefix>offline:epoch:{<uid>}  string: the log's epoch; a new one whenever
@@ -29,7 +29,8 @@ import (
 //	                               without seq; pruned with the trimmed entries
 //
 // The list holds consecutive offsets, so the first retained offset is
-// head - LLEN + 1; each entry also carries its own offset for readability.
+// head - LLEN + 1 and an entry's offset follows from its place. (Entries
+// written before this layout carried "<offset> " in front; readers skip it.)
 func (r *Redis) logKeys(uid string) []string {
 	t := tag(uid)
 	p := r.cfg.Prefix
@@ -48,184 +49,230 @@ func (r *Redis) logKeys(uid string) []string {
 // ephemeral events (a JSON chat.StreamEvent).
 func (r *Redis) userChannel(uid string) string { return r.cfg.Prefix + "user:" + tag(uid) }
 
-// epochLua is shared by the append and head scripts. ensure_epoch makes sure
-// the log has an epoch, creating one (and clearing any remains of a lost log)
-// when missing; it returns whether it did, the epoch and the offset counter.
-// A log whose counter vanished while entries remain (partial eviction)
-// counts as lost too: reusing offsets within an epoch would give two events
-// the same id. The common case, epoch and counter both there, costs one MGET.
+// epochLua is shared by the append and head scripts; k is a log's keys
+// (logKeys). ensure_epoch makes sure the log has an epoch, creating one (and
+// clearing any remains of a lost log) when missing; it returns whether it
+// did, the epoch and the offset counter. A log whose counter vanished while
+// entries remain (partial eviction) counts as lost too: reusing offsets
+// within an epoch would give two events the same id. The common case, epoch
+// and counter both there, costs one MGET.
 const epochLua = `
-local function ensure_epoch(candidate)
-  local v = redis.call('MGET', KEYS[3], KEYS[2])
+local function ensure_epoch(k, candidate)
+  local v = redis.call('MGET', k[3], k[2])
   if v[1] and v[2] then
     return false, v[1], tonumber(v[2])
   end
-  if v[1] and redis.call('EXISTS', KEYS[1]) == 0 then
+  if v[1] and redis.call('EXISTS', k[1]) == 0 then
     return false, v[1], 0 -- an empty log whose epoch Head created
   end
-  redis.call('DEL', KEYS[1], KEYS[2], KEYS[4], KEYS[5])
-  redis.call('SET', KEYS[3], candidate)
+  redis.call('DEL', k[1], k[2], k[4], k[5])
+  redis.call('SET', k[3], candidate)
   return true, candidate, 0
 end
-local function expire_all(ttl)
+local function expire_all(k, ttl)
   for i = 1, 5 do
-    redis.call('PEXPIRE', KEYS[i], ttl)
+    redis.call('PEXPIRE', k[i], ttl)
   end
 end
 `
 
-// appendScript appends one user's entries in order. KEYS: logKeys. ARGV:
-// epoch candidate, cap, ttl (ms), channel, then 8 per entry: key, type,
-// conversation id, seq, baseline, forget (1/0), activity (unix ms, 0 for
-// none), data; KEYS[6] is the user's conversation list (sessionKey). Returns a flat list of
-// (entry number from 1, last seq) for the entries not appended because of a
-// gap.
+// appendScript appends entries to the logs of several users in one call.
+// KEYS: 6 per user, logKeys then sessionKey. ARGV: cap, ttl (ms), the
+// number of distinct entries E, then 8 per entry (key, conversation id,
+// seq, baseline, forget 1/0, activity unix ms or 0, the entry as the list
+// stores it "<type> <data>", and as a wake-up carries it "<length>:<type>
+// <data>"), then per
+// user: epoch candidate, channel, the count of its entries and their
+// numbers (1-based, in order). Returns a flat list of (user number, the
+// entry's place in that user's list, last seq) for the entries not
+// appended because of a gap.
 //
-// Redis spends most of a script's time in redis.call itself (about a
-// microsecond each, far more than the command), so the script reads the
-// counter and the conversations' last seqs once, decides every entry on
-// local copies, and writes once at the end: one RPUSH, one SET, one HSET
-// (and HDEL) however many entries the batch holds. Only entries without a
-// seq (membership and conversation events, rare) still cost a ZSCORE and a
-// ZADD each. A dispatcher round of many messages to one user is then a
-// handful of calls instead of four or five per message (docs/performance.md).
+// Why this shape (docs/performance.md): a message to a group goes to every
+// member's log. One script call per user cost Redis its fixed overhead per
+// recipient (parsing and converting a dozen arguments, the 300-byte message
+// among them, each time), which made up most of a delivery's cost; here the
+// entries travel once per call and each user costs only the handful of
+// redis.call below. Strings are built in Go, not in Lua: Redis' Lua takes
+// microseconds to create a string (it hashes every one, and formats
+// numbers with sprintf), which had been most of an append's cost; the
+// script only passes the given ones on. Within a user, the counter and the conversations' last
+// seqs are read once, every entry is decided on local copies and the writes
+// happen once at the end (one RPUSH, SET, HSET however many entries). Only
+// entries without a seq (membership and conversation events, rare) still
+// cost a ZSCORE and a ZADD each.
 //
-// The TTLs of the five keys are all set again only when this script created
-// one of them, or when they have run down by more than 1% of the TTL (100
-// minutes of 7 days): five EXPIREs per append would be a third of the
-// script's cost, and a log's life is only approximate anyway.
-var appendScript = redis.NewScript(epochLua + `
-local refresh, epoch, off = ensure_epoch(ARGV[1])
-local cap = tonumber(ARGV[2])
--- The conversations' last seqs, each read once (seq_of) into last: a
--- number, or false for a conversation this log has no seq of.
-local last = {}
-local function seq_of(cid)
-  local l = last[cid]
-  if l == nil then
-    l = tonumber(redis.call('HGET', KEYS[4], cid)) or false
-    last[cid] = l
-  end
-  return l
+// The keys of each user share its hash tag, but one call spans users: the
+// adapter runs on a single Redis (redis.Client). A Redis Cluster adapter
+// would group a round's users by slot.
+//
+// The TTLs of the five log keys are all set again only when this script
+// created one of them, or when they have run down by more than 1% of the
+// TTL (100 minutes of 7 days), which is looked at every 64 entries: five
+// EXPIREs per append would be a third of the work, and a log's life is only
+// approximate anyway (a log with fewer appends lives from its creation or
+// its last stream's Head, which extends it).
+var appendScript = redis.NewScript(appendLua)
+
+var appendLua = epochLua + `
+local cap, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local ne = tonumber(ARGV[3])
+local ekey, ecid, eseq, eseqs, ebase, ebases, eforget, eact, eacts, estr, epush = {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}
+for i = 1, ne do
+  local a = 3 + (i - 1) * 8
+  ekey[i], ecid[i] = ARGV[a+1], ARGV[a+2]
+  eseqs[i], ebases[i] = ARGV[a+3], ARGV[a+4]
+  eseq[i], ebase[i], eforget[i] = tonumber(eseqs[i]), tonumber(ebases[i]), ARGV[a+5] == '1'
+  eacts[i], estr[i], epush[i] = ARGV[a+6], ARGV[a+7], ARGV[a+8]
+  eact[i] = tonumber(eacts[i])
 end
-local changed = {} -- conversations whose last seq this script changed
-local first = off + 1
-local vals = {}
 local gaps = {}
-local n = 0
-local touch = {} -- conversation → latest activity among the entries
-for i = 5, #ARGV, 8 do
-  n = n + 1
-  local key, typ, cid, data = ARGV[i], ARGV[i+1], ARGV[i+2], ARGV[i+7]
-  local seq, baseline, forget = tonumber(ARGV[i+3]), tonumber(ARGV[i+4]), ARGV[i+5] == '1'
-  local activity = tonumber(ARGV[i+6])
-  if activity > 0 and activity > (touch[cid] or 0) then
-    touch[cid] = activity -- duplicates and gaps too: the message exists
+
+
+local function append_user(u, k, candidate, channel, idx)
+  local refresh, epoch, off = ensure_epoch(k, candidate)
+  -- The conversations' last seqs, each read once (seq_of) into last: a
+  -- number, or false for a conversation this log has no seq of; lasts
+  -- holds the same as given (a string), to write back without formatting.
+  local last, lasts = {}, {}
+  local function seq_of(cid)
+    local l = last[cid]
+    if l == nil then
+      l = tonumber(redis.call('HGET', k[4], cid)) or false
+      last[cid] = l
+    end
+    return l
   end
-  local ok = true
-  if seq > 0 then
-    local l = seq_of(cid)
-    if not l and baseline > 0 then
-      l = baseline -- a gap fill says where this conversation starts here
+  local changed = {} -- conversations whose last seq this call changed
+  local first = off + 1
+  local vals, pushes = {}, {}
+  local size = 0 -- of pushes
+  local touch, toucha = {}, {} -- conversation → latest activity among the entries (number, as given)
+  for n, i in ipairs(idx) do
+    local key, cid, seq, baseline = ekey[i], ecid[i], eseq[i], ebase[i]
+    local activity = eact[i]
+    if activity > 0 and activity > (touch[cid] or 0) then
+      touch[cid], toucha[cid] = activity, eacts[i] -- duplicates and gaps too: the message exists
     end
-    if not l and seq > 1 then
-      -- Where this log starts the conversation is unknown: accepting seq as
-      -- the first could make an earlier seq, dispatched later, look like a
-      -- duplicate and vanish. The dispatcher fills from the store instead.
-      ok = false
-      gaps[#gaps+1] = n
-      gaps[#gaps+1] = -1
-    elseif l then
-      if seq <= l then
-        ok = false
-      elseif seq > l + 1 then
-        ok = false
-        gaps[#gaps+1] = n
-        gaps[#gaps+1] = l
-      end
-    end
-  elseif key ~= '' then
-    -- A key whose entry this batch has already pushed out of the log counts
-    -- as gone, as if the log had been trimmed entry by entry.
-    local at = redis.call('ZSCORE', KEYS[5], key)
-    if at and tonumber(at) > off - cap then
-      ok = false
-    end
-  end
-  if ok then
-    off = off + 1
-    vals[#vals+1] = off .. ' ' .. typ .. ' ' .. data
+    local ok = true
     if seq > 0 then
-      last[cid] = seq
-      changed[cid] = true
+      local l = seq_of(cid)
+      if not l and baseline > 0 then
+        l = baseline -- a gap fill says where this conversation starts here
+      end
+      if not l and seq > 1 then
+        -- Where this log starts the conversation is unknown: accepting seq
+        -- as the first could make an earlier seq, dispatched later, look
+        -- like a duplicate and vanish. The dispatcher fills from the store.
+        ok = false
+        gaps[#gaps+1] = u
+        gaps[#gaps+1] = n
+        gaps[#gaps+1] = -1
+      elseif l then
+        if seq <= l then
+          ok = false
+        elseif seq > l + 1 then
+          ok = false
+          gaps[#gaps+1] = u
+          gaps[#gaps+1] = n
+          gaps[#gaps+1] = l
+        end
+      end
     elseif key ~= '' then
-      if redis.call('ZADD', KEYS[5], off, key) == 1 and redis.call('ZCARD', KEYS[5]) == 1 then
-        refresh = true
+      -- A key whose entry this call has already pushed out of the log
+      -- counts as gone, as if the log had been trimmed entry by entry.
+      local at = redis.call('ZSCORE', k[5], key)
+      if at and tonumber(at) > off - cap then
+        ok = false
       end
     end
-    if baseline > 0 and (seq_of(cid) or 0) < baseline then
-      last[cid] = baseline
-      changed[cid] = true
+    if ok then
+      off = off + 1
+      vals[#vals+1] = estr[i]
+      pushes[#pushes+1] = epush[i]
+      size = size + #epush[i]
+      if seq > 0 then
+        last[cid], lasts[cid] = seq, eseqs[i]
+        changed[cid] = true
+      elseif key ~= '' then
+        if redis.call('ZADD', k[5], off, key) == 1 and redis.call('ZCARD', k[5]) == 1 then
+          refresh = true
+        end
+      end
+      if baseline > 0 and (seq_of(cid) or 0) < baseline then
+        last[cid], lasts[cid] = baseline, ebases[i]
+        changed[cid] = true
+      end
+      if eforget[i] then
+        seq_of(cid) -- so that a later entry of cid sees it forgotten
+        last[cid] = false
+        changed[cid] = true
+      end
     end
-    if forget then
-      seq_of(cid) -- so that a later entry of cid sees it forgotten
-      last[cid] = false
-      changed[cid] = true
+  end
+  if #vals > 0 then
+    local len = 0
+    for j = 1, #vals, 1000 do -- unpack is bounded by Lua's C stack
+      len = redis.call('RPUSH', k[1], unpack(vals, j, math.min(j + 999, #vals)))
+    end
+    if first == 1 or len == #vals then
+      refresh = true
+    end
+    if len > cap then
+      redis.call('LTRIM', k[1], -cap, -1)
+      redis.call('ZREMRANGEBYSCORE', k[5], '-inf', off - cap)
+    end
+    redis.call('SET', k[2], off, 'KEEPTTL')
+    for cid in pairs(changed) do
+      if not last[cid] then
+        redis.call('HDEL', k[4], cid)
+      elseif redis.call('HSET', k[4], cid, lasts[cid]) > 0 then
+        refresh = true -- a conversation new to this log: maybe a new hash
+      end
+    end
+  end
+  -- The conversation list moves only if cached (else it is filled whole
+  -- from the database on its next read); GT: never back. A cached list
+  -- always holds the sentinel, so a ZADD that leaves one member created the
+  -- list: undone. The common case, a conversation already listed, is one call.
+  for cid in pairs(touch) do
+    if redis.call('ZADD', k[6], 'GT', toucha[cid], cid) == 1 and redis.call('ZCARD', k[6]) == 1 then
+      redis.call('DEL', k[6])
+    end
+  end
+  -- The TTL is looked at when the offsets cross a multiple of 64, not on
+  -- every append (a redis.call each).
+  if refresh or (#vals > 0 and math.floor((first - 1) / 64) ~= math.floor(off / 64)
+      and redis.call('PTTL', k[2]) < ttl - ttl / 100) then
+    expire_all(k, ttl)
+  end
+  if #vals > 0 then
+    -- The wake-up carries the new entries themselves (pushSize bounds it),
+    -- so the streams of the user need not read them back: "L <epoch>
+    -- <offset of the first> " then each entry as "<length>:<entry>".
+    if size > ` + pushSizeLua + ` then
+      redis.call('PUBLISH', channel, '')
+    else
+      redis.call('PUBLISH', channel, 'L ' .. epoch .. ' ' .. first .. ' ' .. table.concat(pushes))
     end
   end
 end
-if #vals > 0 then
-  local len = 0
-  for j = 1, #vals, 1000 do -- unpack is bounded by Lua's C stack
-    len = redis.call('RPUSH', KEYS[1], unpack(vals, j, math.min(j + 999, #vals)))
+
+local a = 4 + ne * 8
+local u = 0
+while a <= #ARGV do
+  u = u + 1
+  local b = (u - 1) * 6
+  local k = {KEYS[b+1], KEYS[b+2], KEYS[b+3], KEYS[b+4], KEYS[b+5], KEYS[b+6]}
+  local candidate, channel, count = ARGV[a], ARGV[a+1], tonumber(ARGV[a+2])
+  local idx = {}
+  for j = 1, count do
+    idx[j] = tonumber(ARGV[a+2+j])
   end
-  if first == 1 or len == #vals then
-    refresh = true
-  end
-  if len > cap then
-    redis.call('LTRIM', KEYS[1], -cap, -1)
-    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', off - cap)
-  end
-  redis.call('SET', KEYS[2], off, 'KEEPTTL')
-  for cid in pairs(changed) do
-    if not last[cid] then
-      redis.call('HDEL', KEYS[4], cid)
-    elseif redis.call('HSET', KEYS[4], cid, last[cid]) > 0 then
-      refresh = true -- a conversation new to this log: maybe a new hash
-    end
-  end
-end
--- The conversation list moves only if cached (else it is filled whole from
--- the database on its next read); GT: never back.
-if next(touch) and redis.call('EXISTS', KEYS[6]) == 1 then
-  for cid, at in pairs(touch) do
-    redis.call('ZADD', KEYS[6], 'GT', at, cid)
-  end
-end
-local ttl = tonumber(ARGV[3])
-if refresh or (#vals > 0 and redis.call('PTTL', KEYS[2]) < ttl - ttl / 100) then
-  expire_all(ttl)
-end
-if #vals > 0 then
-  -- The wake-up carries the new entries themselves (pushSize bounds it), so
-  -- the streams of the user need not read them back: "L <epoch> " then each
-  -- entry as "<length>:<entry>".
-  local size = 0
-  for j = 1, #vals do
-    size = size + #vals[j]
-  end
-  if size > ` + pushSizeLua + ` then
-    redis.call('PUBLISH', ARGV[4], '')
-  else
-    local parts = {'L ', epoch, ' '}
-    for j = 1, #vals do
-      parts[#parts+1] = #vals[j] .. ':' .. vals[j]
-    end
-    redis.call('PUBLISH', ARGV[4], table.concat(parts))
-  end
+  append_user(u, k, candidate, channel, idx)
+  a = a + 3 + count
 end
 return gaps
-`)
+`
 
 // pushSize bounds the entries one wake-up carries (bytes): a few ordinary
 // messages, the dispatcher rounds of a moderate load, where reading them
@@ -242,8 +289,8 @@ var pushSizeLua = strconv.Itoa(pushSize)
 // and extends the log's life: a log someone streams from is in use. KEYS:
 // logKeys. ARGV: epoch candidate, ttl (ms).
 var headScript = redis.NewScript(epochLua + `
-local _, epoch, off = ensure_epoch(ARGV[1])
-expire_all(tonumber(ARGV[2]))
+local _, epoch, off = ensure_epoch(KEYS, ARGV[1])
+expire_all(KEYS, tonumber(ARGV[2]))
 return {epoch, off}
 `)
 
@@ -294,7 +341,9 @@ func boolArg(b bool) string {
 	return "0"
 }
 
-// Append implements chat.EventLog: one script per user, all in one pipeline.
+// Append implements chat.EventLog: the users' scripts calls (appendScript)
+// take up to appendUsers users and appendWork of their entries each, and
+// go out in pipelines.
 // An entry that is a duplicate (by seq, or by Key) or would leave a gap is
 // skipped entirely, Baseline and Forget included: they apply only with the
 // entry they come with, so a re-dispatched old event cannot undo a newer
@@ -328,47 +377,80 @@ func (r *Redis) Append(ctx context.Context, ds []chat.Delivery) ([]chat.Gap, err
 
 	ttl := strconv.FormatInt(ttlMillis(r.cfg.LogTTL), 10)
 	capArg := strconv.Itoa(r.cfg.LogCap)
-	calls := make([]scriptCall, len(batches))
-	// A message goes to every member with the same *LogEntry: its arguments
-	// are formatted once, not once per recipient.
-	entryArgs := make(map[*chat.LogEntry][]any)
-	for i, b := range batches {
-		args := make([]any, 0, 4+8*len(b.entries))
-		// A fresh epoch per user (used only if the log is new): ids of
-		// different users' logs must never collide, or a Last-Event-ID of
-		// one account would be served from another's log.
-		args = append(args, newEpoch(), capArg, ttl, r.userChannel(b.uid))
-		for _, e := range b.entries {
-			ea, ok := entryArgs[e]
-			if !ok {
-				ea = []any{e.Key, string(e.Type), e.ConversationID,
-					strconv.FormatInt(max(e.Seq, 0), 10), strconv.FormatInt(max(e.Baseline, 0), 10),
-					boolArg(e.Forget), activityArg(e.ConversationID, e.Activity), e.Data}
-				entryArgs[e] = ea
-			}
-			args = append(args, ea...)
-		}
-		calls[i] = scriptCall{keys: append(r.logKeys(b.uid), r.sessionKey(b.uid)), args: args}
+	type call struct {
+		users   []*userBatch
+		entries []*chat.LogEntry
+		number  map[*chat.LogEntry]int // entry → its number in entries, from 1
+		work    int
 	}
-	cmds, err := r.runScripts(ctx, appendScript, calls)
+	var calls []*call
+	var cur *call
+	for _, b := range batches {
+		if cur == nil || len(cur.users) == appendUsers || cur.work+len(b.entries) > appendWork {
+			cur = &call{number: make(map[*chat.LogEntry]int)}
+			calls = append(calls, cur)
+		}
+		cur.users = append(cur.users, b)
+		cur.work += len(b.entries)
+		for _, e := range b.entries {
+			if cur.number[e] == 0 {
+				cur.entries = append(cur.entries, e)
+				cur.number[e] = len(cur.entries)
+			}
+		}
+	}
+	scripts := make([]scriptCall, len(calls))
+	for ci, c := range calls {
+		keys := make([]string, 0, 6*len(c.users))
+		args := make([]any, 0, 3+8*len(c.entries)+len(c.users)*4+c.work)
+		args = append(args, capArg, ttl, strconv.Itoa(len(c.entries)))
+		for _, e := range c.entries {
+			stored := string(e.Type) + " " + string(e.Data)
+			args = append(args, e.Key, e.ConversationID,
+				strconv.FormatInt(max(e.Seq, 0), 10), strconv.FormatInt(max(e.Baseline, 0), 10),
+				boolArg(e.Forget), activityArg(e.ConversationID, e.Activity),
+				stored, strconv.Itoa(len(stored))+":"+stored)
+		}
+		for _, b := range c.users {
+			keys = append(append(keys, r.logKeys(b.uid)...), r.sessionKey(b.uid))
+			// A fresh epoch per user (used only if the log is new): ids of
+			// different users' logs must never collide, or a Last-Event-ID of
+			// one account would be served from another's log.
+			args = append(args, newEpoch(), r.userChannel(b.uid), strconv.Itoa(len(b.entries)))
+			for _, e := range b.entries {
+				args = append(args, strconv.Itoa(c.number[e]))
+			}
+		}
+		scripts[ci] = scriptCall{keys: keys, args: args}
+	}
+	cmds, err := r.runScripts(ctx, appendScript, scripts)
 	if err != nil {
 		return nil, fmt.Errorf("realtime: append: %w", err)
 	}
 
 	var gaps []chat.Gap
-	for i, c := range cmds {
+	for ci, c := range cmds {
 		vals, err := c.Int64Slice()
 		if err != nil {
 			return nil, fmt.Errorf("realtime: append: reply: %w", err)
 		}
-		b := batches[i]
-		for j := 0; j+1 < len(vals); j += 2 {
-			e := b.entries[vals[j]-1]
-			gaps = append(gaps, chat.Gap{UserID: b.uid, ConversationID: e.ConversationID, LastSeq: vals[j+1], Seq: e.Seq})
+		for j := 0; j+2 < len(vals); j += 3 {
+			b := calls[ci].users[vals[j]-1]
+			e := b.entries[vals[j+1]-1]
+			gaps = append(gaps, chat.Gap{UserID: b.uid, ConversationID: e.ConversationID, LastSeq: vals[j+2], Seq: e.Seq})
 		}
 	}
 	return gaps, nil
 }
+
+// appendUsers and appendWork bound one appendScript call: at most 64 users
+// and 1024 of their entries (about a millisecond of Redis), so that a round
+// to a large group neither blocks Redis for long in one script nor pays the
+// per-call overhead per recipient.
+const (
+	appendUsers = 64
+	appendWork  = 1024
+)
 
 // Read implements chat.EventLog.
 func (r *Redis) Read(ctx context.Context, uid string, pos chat.Position, limit int) ([]chat.StreamEvent, chat.Position, error) {
@@ -392,13 +474,13 @@ func (r *Redis) Read(ctx context.Context, uid string, pos chat.Position, limit i
 	raw, _ := res[1].([]any)
 	evs := make([]chat.StreamEvent, 0, len(raw))
 	last := pos
-	for _, item := range raw {
+	for i, item := range raw {
 		s, _ := item.(string)
-		off, typ, data, err := parseEntry(s)
+		typ, data, err := parseEntry(s)
 		if err != nil {
 			return nil, pos, fmt.Errorf("realtime: read %s: %w", uid, err)
 		}
-		last = chat.Position{Epoch: pos.Epoch, Offset: off}
+		last = chat.Position{Epoch: pos.Epoch, Offset: pos.Offset + 1 + int64(i)}
 		evs = append(evs, chat.StreamEvent{ID: last.String(), Type: chat.EventType(typ), Data: []byte(data)})
 	}
 	return evs, last, nil
@@ -406,19 +488,19 @@ func (r *Redis) Read(ctx context.Context, uid string, pos chat.Position, limit i
 
 var errBadEntry = errors.New("malformed log entry")
 
-// parseEntry splits "<offset> <type> <data>"; types contain no space, data
-// may contain anything.
-func parseEntry(s string) (off int64, typ, data string, err error) {
-	o, rest, ok1 := strings.Cut(s, " ")
-	typ, data, ok2 := strings.Cut(rest, " ")
-	if !ok1 || !ok2 {
-		return 0, "", "", errBadEntry
+// parseEntry splits a stored entry "<type> <data>"; types contain no space
+// and never start with a digit, data may contain anything. An entry of the
+// earlier layout, "<offset> <type> <data>", loses its offset (the reader
+// knows it from the entry's place).
+func parseEntry(s string) (typ, data string, err error) {
+	if s != "" && s[0] >= '0' && s[0] <= '9' {
+		_, s, _ = strings.Cut(s, " ")
 	}
-	off, err = strconv.ParseInt(o, 10, 64)
-	if err != nil {
-		return 0, "", "", errBadEntry
+	typ, data, ok := strings.Cut(s, " ")
+	if !ok || typ == "" {
+		return "", "", errBadEntry
 	}
-	return off, typ, data, nil
+	return typ, data, nil
 }
 
 // Head implements chat.EventLog.

@@ -9,7 +9,7 @@ import (
 // A wake-up's payload that does not parse is an empty wake-up (the stream
 // reads its log), never a wrong event.
 func TestParsePush(t *testing.T) {
-	pb, err := parsePush("L ep 26:7 message.created {\"a\":1}\n25:8 receipt.read {\"b\":\"x:\"}")
+	pb, err := parsePush("L ep 7 24:message.created {\"a\":1}\n23:receipt.read {\"b\":\"x:\"}")
 	require.NoError(t, err)
 	require.Equal(t, "ep", pb.epoch)
 	require.EqualValues(t, 7, pb.first)
@@ -20,9 +20,9 @@ func TestParsePush(t *testing.T) {
 	require.Equal(t, `{"b":"x:"}`, string(pb.events[1].Data))
 
 	for _, bad := range []string{
-		"L ", "L ep", "L ep ", "L ep 5", "L ep x:1 a b", "L ep 99:7 a b",
-		"L ep 5:7 a b5:9 a b", // offsets not consecutive
-		"L ep 3:7ab",          // not "<offset> <type> <data>"
+		"L ", "L ep", "L ep ", "L ep 5", "L ep 5 ", "L ep x 3:a b", "L ep 0 3:a b",
+		"L ep 5 x:a b", "L ep 5 99:a b",
+		"L ep 5 2:ab", // not "<type> <data>"
 	} {
 		_, err := parsePush(bad)
 		require.Error(t, err, "%q", bad)
