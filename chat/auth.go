@@ -6,9 +6,12 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/base64"
+	"encoding/json"
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 )
@@ -183,31 +186,59 @@ func (s *Service) issue(ctx context.Context, uid string, kind TokenKind, name st
 	return Issued{Token: t, Secret: secret}, nil
 }
 
-// touchEvery bounds last_used_at writes to one per token per minute.
+// touchEvery bounds last_used_at writes to one per token per minute (per
+// node: each node's cache keeps its own time of the last write).
 const touchEvery = time.Minute
 
 // Authenticate resolves a bearer token (or session cookie) to a principal.
+// A token this node has read from the store within Config.TokenCacheTTL is
+// answered from the node's cache (see tokenCache for why revocation still
+// holds); expiry is checked on every request, cached or not.
 func (s *Service) Authenticate(ctx context.Context, secret string) (Principal, error) {
 	if !strings.HasPrefix(secret, tokenPrefix) || len(secret) > 128 {
 		return Principal{}, Errorf(CodeUnauthorized, "invalid token")
 	}
-	t, err := s.store.TokenByHash(ctx, hashSecret(secret))
-	if err != nil {
-		if IsCode(err, CodeNotFound) {
-			return Principal{}, Errorf(CodeUnauthorized, "invalid token")
+	hash := sha256.Sum256([]byte(secret))
+	e := s.tokens.get(hash)
+	if e == nil {
+		var err error
+		if e, err = s.loadToken(ctx, hash); err != nil {
+			return Principal{}, err
 		}
-		return Principal{}, err
 	}
 	now := Now()
-	if t.RevokedAt != nil || (t.ExpiresAt != nil && !now.Before(*t.ExpiresAt)) {
+	if t := e.tok.ExpiresAt; t != nil && !now.Before(*t) {
 		return Principal{}, Errorf(CodeUnauthorized, "token expired or revoked")
 	}
-	if t.LastUsedAt == nil || now.Sub(*t.LastUsedAt) > touchEvery {
-		if err := s.store.TouchToken(ctx, t.ID, now); err != nil {
+	// Claim the write before making it, so that concurrent requests with
+	// the same token do not all touch it.
+	if last := e.touched.Load(); now.UnixNano()-last > int64(touchEvery) && e.touched.CompareAndSwap(last, now.UnixNano()) {
+		if err := s.store.TouchToken(ctx, e.tok.ID, now); err != nil {
 			s.log.Debug("touch token", "err", err)
 		}
 	}
-	return Principal{UserID: t.UserID, TokenID: t.ID}, nil
+	return e.p, nil
+}
+
+// loadToken reads a token from the store and caches it if it is live.
+func (s *Service) loadToken(ctx context.Context, hash [32]byte) (*cachedToken, error) {
+	gen, read := s.tokens.begin()
+	t, err := s.store.TokenByHash(ctx, hash[:])
+	if err != nil {
+		if IsCode(err, CodeNotFound) {
+			return nil, Errorf(CodeUnauthorized, "invalid token")
+		}
+		return nil, err
+	}
+	if t.RevokedAt != nil || (t.ExpiresAt != nil && !Now().Before(*t.ExpiresAt)) {
+		return nil, Errorf(CodeUnauthorized, "token expired or revoked")
+	}
+	e := &cachedToken{tok: t, p: Principal{UserID: t.UserID, TokenID: t.ID}, read: read}
+	if t.LastUsedAt != nil {
+		e.touched.Store(t.LastUsedAt.UnixNano())
+	}
+	s.tokens.put(hash, e, gen)
+	return e, nil
 }
 
 // tokenAlive reports whether the token behind an open stream still holds.
@@ -240,6 +271,7 @@ func (s *Service) Logout(ctx context.Context, p Principal) error {
 	if err := s.store.RevokeToken(ctx, p.UserID, p.TokenID, Now()); err != nil && !IsCode(err, CodeNotFound) {
 		return err
 	}
+	s.revoked(ctx, p.TokenID)
 	s.endStreams(ctx, p.UserID, p.TokenID)
 	return nil
 }
@@ -295,6 +327,7 @@ func (s *Service) RevokeToken(ctx context.Context, p Principal, tokenID string) 
 		}
 		return err
 	}
+	s.revoked(ctx, tokenID)
 	s.endStreams(ctx, p.UserID, tokenID)
 	return nil
 }
@@ -361,4 +394,263 @@ func (s *Service) GetUser(ctx context.Context, uid string) (User, error) {
 		return User{}, notFound("user")
 	}
 	return u, err
+}
+
+// The token cache.
+//
+// Without it every request costs a PostgreSQL query (TokenByHash) just to
+// learn who is calling, which under load is a large share of both imd's and
+// PostgreSQL's CPU. Each node keeps the live tokens it has read, by secret
+// hash, and answers from memory for up to Config.TokenCacheTTL.
+//
+// Revocation stays effective:
+//
+//   - on the node that revokes, at once: RevokeToken and Logout drop the
+//     entry after the store committed the revocation;
+//   - on the other nodes, as soon as the bus carries the news: the revoking
+//     node publishes the token id to the reserved bus address tokenBusUser
+//     (before it ends the token's streams), and every node's cache applies
+//     what arrived there before it answers any request from the cache. So a
+//     client that has seen its stream end is refused by every node;
+//   - worst case, when that message is lost (Redis unreachable while
+//     revoking, or the Pub/Sub connection dropping while it is in flight):
+//     Config.TokenCacheTTL, DefaultTokenCacheTTL = 5 s. Every cached entry
+//     comes from a store read that began at most that long ago, so a
+//     revocation committed before then is seen by the next request. A
+//     Pub/Sub reconnect also empties the cache (the bus wakes every
+//     subscription after one, as whatever was published meanwhile is lost),
+//     and until the node is subscribed at all nothing is cached.
+//
+// A read that raced with an invalidation is not cached (generation check),
+// so a slow read from before the commit cannot put a revoked token back.
+// Expiry is checked on every request against the cached expires_at.
+// Negative answers (unknown, revoked, expired) are not cached: they go to
+// the store every time, as before.
+
+// tokenCacheMax bounds the cache's memory (~300 bytes an entry): more live
+// tokens than one node serves at once.
+const tokenCacheMax = 100_000
+
+// tokenBusUser is the bus address revocations are published to. It cannot
+// be a user id (ids match usernameRE, which does not allow a leading '_'),
+// so no stream ever subscribes to it and no user event is published there.
+const tokenBusUser = "_tokens"
+
+// tokenDrainEvery is how often an idle node applies revocations from the
+// bus; requests apply them first anyway. It keeps the subscription's
+// bounded buffer from overflowing on a node that serves no requests.
+const tokenDrainEvery = 100 * time.Millisecond
+
+type cachedToken struct {
+	tok     Token
+	p       Principal
+	read    time.Time    // when the store read began (monotonic)
+	touched atomic.Int64 // unix nanos of the last last_used_at write seen or made
+}
+
+type tokenCache struct {
+	ttl time.Duration // <= 0: nothing is cached
+
+	// watch is the live subscription to tokenBusUser, nil while there is
+	// none: then nothing is cached, and every request reads the store.
+	watch atomic.Pointer[tokenWatch]
+
+	mu      sync.RWMutex
+	entries map[[32]byte]*cachedToken
+	byID    map[string][32]byte // token id → secret hash, for revocation by id
+	gen     uint64              // bumped by every invalidation, under mu
+}
+
+type tokenWatch struct {
+	sub    Subscription
+	events <-chan StreamEvent
+}
+
+func newTokenCache(ttl time.Duration) *tokenCache {
+	return &tokenCache{ttl: ttl, entries: map[[32]byte]*cachedToken{}, byID: map[string][32]byte{}}
+}
+
+// get returns a fresh entry for hash, nil if none (or not caching).
+func (c *tokenCache) get(hash [32]byte) *cachedToken {
+	w := c.watch.Load()
+	if w == nil {
+		return nil
+	}
+	if len(w.events) > 0 {
+		c.drain(w)
+	}
+	c.mu.RLock()
+	e := c.entries[hash]
+	c.mu.RUnlock()
+	if e == nil || time.Since(e.read) >= c.ttl {
+		return nil
+	}
+	return e
+}
+
+// begin is called before a store read: the generation to pass to put, and
+// the time the entry's age counts from.
+func (c *tokenCache) begin() (uint64, time.Time) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.gen, time.Now()
+}
+
+// put caches e unless an invalidation happened since begin returned gen
+// (the read may predate a revocation) or the node is not subscribed.
+func (c *tokenCache) put(hash [32]byte, e *cachedToken, gen uint64) {
+	if c.watch.Load() == nil {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.gen != gen {
+		return
+	}
+	if len(c.entries) >= tokenCacheMax {
+		c.evict()
+	}
+	if old, ok := c.entries[hash]; ok && old.tok.ID != e.tok.ID {
+		delete(c.byID, old.tok.ID)
+	}
+	c.entries[hash] = e
+	c.byID[e.tok.ID] = hash
+}
+
+// evict makes room: stale entries first, then a random tenth (map order).
+func (c *tokenCache) evict() {
+	for h, e := range c.entries {
+		if time.Since(e.read) >= c.ttl {
+			c.remove(h, e)
+		}
+	}
+	for h, e := range c.entries {
+		if len(c.entries) < tokenCacheMax*9/10 {
+			break
+		}
+		c.remove(h, e)
+	}
+}
+
+func (c *tokenCache) remove(h [32]byte, e *cachedToken) {
+	delete(c.entries, h)
+	if c.byID[e.tok.ID] == h {
+		delete(c.byID, e.tok.ID)
+	}
+}
+
+// invalidate drops a token by id; callers hold no lock.
+func (c *tokenCache) invalidate(tokenID string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.invalidateLocked(tokenID)
+}
+
+func (c *tokenCache) invalidateLocked(tokenID string) {
+	c.gen++
+	if h, ok := c.byID[tokenID]; ok {
+		delete(c.byID, tokenID)
+		delete(c.entries, h)
+	}
+}
+
+// flush drops everything: revocations may have been missed.
+func (c *tokenCache) flush() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.gen++
+	clear(c.entries)
+	clear(c.byID)
+}
+
+// drain applies every revocation waiting in w. Events are taken off the
+// channel only under mu, so a request that finds the channel empty cannot
+// overtake a revocation that another goroutine has taken but not applied.
+// It reports false when the subscription's events were closed (it fell
+// behind and lost some): the cache is then emptied and stops caching.
+func (c *tokenCache) drain(w *tokenWatch) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for {
+		select {
+		case ev, ok := <-w.events:
+			if !ok {
+				c.watch.CompareAndSwap(w, nil)
+				c.gen++
+				clear(c.entries)
+				clear(c.byID)
+				return false
+			}
+			var id string
+			if ev.Type == eventEndToken && json.Unmarshal(ev.Data, &id) == nil {
+				c.invalidateLocked(id)
+			}
+		default:
+			return true
+		}
+	}
+}
+
+// revoked makes a committed revocation effective in every node's cache:
+// here at once, elsewhere when the bus delivers it (TokenCacheTTL at worst).
+func (s *Service) revoked(ctx context.Context, tokenID string) {
+	s.tokens.invalidate(tokenID)
+	ev := StreamEvent{Type: eventEndToken, Data: json.RawMessage(quote(tokenID))}
+	if err := s.rt.Publish(ctx, []string{tokenBusUser}, ev); err != nil {
+		s.log.Warn("publish token revocation", "err", err)
+	}
+}
+
+// watchRevocations keeps the node subscribed to tokenBusUser until ctx
+// ends; the cache is in use only while it is.
+func (s *Service) watchRevocations(ctx context.Context) {
+	if s.tokens.ttl <= 0 {
+		return
+	}
+	backoff := tokenDrainEvery
+	for ctx.Err() == nil {
+		sub, err := s.rt.Subscribe(ctx, tokenBusUser)
+		if err != nil {
+			s.log.Warn("token cache: subscribe to revocations", "err", err)
+			t := time.NewTimer(backoff)
+			select {
+			case <-ctx.Done():
+			case <-t.C:
+			}
+			t.Stop()
+			backoff = min(2*backoff, 5*time.Second)
+			continue
+		}
+		backoff = tokenDrainEvery
+		s.followRevocations(ctx, sub)
+		sub.Close()
+	}
+}
+
+// followRevocations serves one subscription until ctx ends or it loses
+// events.
+func (s *Service) followRevocations(ctx context.Context, sub Subscription) {
+	c := s.tokens
+	w := &tokenWatch{sub: sub, events: sub.Events()}
+	c.flush() // nothing is cached before this, but be plain about it
+	c.watch.Store(w)
+	defer func() {
+		c.watch.CompareAndSwap(w, nil)
+		c.flush()
+	}()
+	tick := time.NewTicker(tokenDrainEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-sub.Wake():
+			// After a Pub/Sub reconnect: whatever was published meanwhile is lost.
+			c.flush()
+		case <-tick.C:
+			if !c.drain(w) {
+				return
+			}
+		}
+	}
 }

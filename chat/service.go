@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"log/slog"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -19,6 +20,7 @@ type Config struct {
 	SendLimit       Limit         // per user, across nodes; Rate 0 turns it off
 	LoginLimit      Limit         // failed logins per username and per address; Rate 0 off
 	SessionTTL      time.Duration // lifetime of tokens from register/login
+	TokenCacheTTL   time.Duration // how long a node trusts a cached token (auth.go); < 0: no cache
 	TicketTTL       time.Duration // stream tickets
 	TypingTTL       time.Duration // how long a typing indicator shows
 	Heartbeat       time.Duration // stream keep-alive and presence refresh
@@ -38,6 +40,11 @@ const (
 	DefaultSendBurst       = 60
 	DefaultLoginRate       = 10 // failed logins per minute: stops online guessing, tolerates typos
 	DefaultSessionTTL      = 30 * 24 * time.Hour
+	// DefaultTokenCacheTTL is the worst-case delay before a revoked token is
+	// refused by a node that missed the revocation on the bus (auth.go).
+	// Seconds are prompt for a revocation, and one store read per active
+	// token per 5 s per node is a negligible load.
+	DefaultTokenCacheTTL   = 5 * time.Second
 	DefaultTicketTTL       = 60 * time.Second // long enough to open an EventSource, short enough to leak harmlessly
 	DefaultTypingTTL       = 5 * time.Second  // clients re-send typing while the user types
 	DefaultHeartbeat       = 15 * time.Second // under common proxy idle timeouts (30-60 s)
@@ -64,6 +71,7 @@ func (c Config) withDefaults() Config {
 	def(&c.MaxTitleChars, DefaultMaxTitleChars)
 	def(&c.DispatchWorkers, DefaultDispatchWorkers)
 	defd(&c.SessionTTL, DefaultSessionTTL)
+	defd(&c.TokenCacheTTL, DefaultTokenCacheTTL)
 	defd(&c.TicketTTL, DefaultTicketTTL)
 	defd(&c.TypingTTL, DefaultTypingTTL)
 	defd(&c.Heartbeat, DefaultHeartbeat)
@@ -97,6 +105,8 @@ type Service struct {
 	log    *slog.Logger
 	hooks  Hooks
 	disp   *dispatcher
+	tokens *tokenCache    // authenticated tokens (auth.go)
+	bg     sync.WaitGroup // background work besides the dispatcher
 }
 
 // NewService wires the use cases; call Start to run the dispatcher.
@@ -106,18 +116,26 @@ func NewService(store Store, rt Realtime, hasher Hasher, cfg Config, log *slog.L
 	}
 	s := &Service{store: store, rt: rt, hasher: hasher, cfg: cfg.withDefaults(), log: log, hooks: hooks}
 	s.disp = newDispatcher(s)
+	s.tokens = newTokenCache(s.cfg.TokenCacheTTL)
 	return s
 }
 
 // Config returns the effective configuration.
 func (s *Service) Config() Config { return s.cfg }
 
-// Start runs the dispatch workers and the outbox sweeper until ctx ends;
-// Wait returns when they have stopped.
-func (s *Service) Start(ctx context.Context) { s.disp.start(ctx) }
+// Start runs the dispatch workers, the outbox sweeper and the token cache's
+// revocation listener until ctx ends; Wait returns when they have stopped.
+// Without Start, Authenticate reads the store on every request.
+func (s *Service) Start(ctx context.Context) {
+	s.disp.start(ctx)
+	s.bg.Go(func() { s.watchRevocations(ctx) })
+}
 
 // Wait blocks until the background work started by Start has ended.
-func (s *Service) Wait() { s.disp.wait() }
+func (s *Service) Wait() {
+	s.disp.wait()
+	s.bg.Wait()
+}
 
 // Ready reports whether the dependencies answer; each error is nil when fine.
 func (s *Service) Ready(ctx context.Context) (storeErr, realtimeErr error) {

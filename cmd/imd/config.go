@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"errors"
 	"flag"
 	"fmt"
@@ -73,7 +74,8 @@ type config struct {
 	corsOrigins  []string // browser apps on other origins (handlers/web.go)
 	pprofAddr    string   // profiling listener; empty: off
 	streamWrite  time.Duration
-	eventBuffer  int // per-stream buffer of ephemeral events (realtime.Config.EventBuffer)
+	tokenCache   time.Duration // how long a node trusts a token it has read; 0: no cache
+	eventBuffer  int           // per-stream buffer of ephemeral events (realtime.Config.EventBuffer)
 }
 
 func parseConfig(cmd string, args []string, getenv func(string) string, stderr io.Writer) (config, error) {
@@ -132,6 +134,8 @@ func parseConfig(cmd string, args []string, getenv func(string) string, stderr i
 		fs.DurationVar(p, name, def, usage+" ($"+env+")")
 	}
 	dur(&c.logTTL, "log-ttl", "IMD_LOG_TTL", realtime.DefaultLogTTL, "how long events are kept per user for resume")
+	dur(&c.tokenCache, "token-cache-ttl", "IMD_TOKEN_CACHE_TTL", chat.DefaultTokenCacheTTL,
+		"how long a node answers for a token from memory; also the worst delay before another node refuses a revoked one if the revocation's message is lost; 0 off")
 	dur(&c.streamWrite, "stream-write-timeout", "IMD_STREAM_WRITE_TIMEOUT", handlers.DefaultStreamWriteTimeout,
 		"disconnect an event stream whose client reads nothing for this long")
 	if err := fs.Parse(args); err != nil {
@@ -164,6 +168,8 @@ func parseConfig(cmd string, args []string, getenv func(string) string, stderr i
 		return c, errors.New("IMD_MAX_TEXT_BYTES must be positive")
 	case c.eventBuffer < 1:
 		return c, errors.New("IMD_STREAM_EVENT_BUFFER must be positive")
+	case c.tokenCache < 0:
+		return c, errors.New("IMD_TOKEN_CACHE_TTL must not be negative (0 turns the cache off)")
 	}
 	return c, nil
 }
@@ -182,6 +188,8 @@ func (c config) service() chat.Config {
 		MaxTextBytes: c.maxTextBytes,
 		SendLimit:    chat.Limit{Rate: c.sendRate, Period: time.Second, Burst: c.sendBurst},
 		LoginLimit:   chat.Limit{Rate: c.loginRate, Period: time.Minute, Burst: c.loginRate},
+		// chat.Config takes 0 for its default and a negative value for off.
+		TokenCacheTTL: cmp.Or(c.tokenCache, -1),
 	}
 }
 

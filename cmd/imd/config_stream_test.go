@@ -3,8 +3,11 @@ package main
 import (
 	"io"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"imd/chat"
 )
 
 // TestConfigStreamEventBuffer: the per-stream event buffer is imd's own
@@ -31,4 +34,24 @@ func TestConfigStreamEventBuffer(t *testing.T) {
 		_, err = parse(map[string]string{"IMD_STREAM_EVENT_BUFFER": v})
 		require.Error(t, err, v)
 	}
+}
+
+// TestConfigTokenCache: the token cache's TTL reaches the service; 0 turns
+// the cache off (a negative TTL for chat.Config), negative is refused.
+func TestConfigTokenCache(t *testing.T) {
+	t.Parallel()
+	parse := func(env map[string]string) (config, error) {
+		return parseConfig("serve", nil, func(k string) string { return env[k] }, io.Discard)
+	}
+	c, err := parse(nil)
+	require.NoError(t, err)
+	require.Equal(t, chat.DefaultTokenCacheTTL, c.service().TokenCacheTTL)
+	c, err = parse(map[string]string{"IMD_TOKEN_CACHE_TTL": "30s"})
+	require.NoError(t, err)
+	require.Equal(t, 30*time.Second, c.service().TokenCacheTTL)
+	c, err = parse(map[string]string{"IMD_TOKEN_CACHE_TTL": "0"})
+	require.NoError(t, err)
+	require.Negative(t, c.service().TokenCacheTTL, "off")
+	_, err = parse(map[string]string{"IMD_TOKEN_CACHE_TTL": "-1s"})
+	require.Error(t, err)
 }

@@ -8,6 +8,9 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"imd/chat"
+	"imd/internal/testenv"
 )
 
 // TestRoutesAuthRequired calls every authenticated REST route without a
@@ -32,21 +35,30 @@ func TestRoutesAuthRequired(t *testing.T) {
 	require.Equal(t, 200, carol.do("GET", "/v1/me", nil).Status)
 	require.Equal(t, 204, carol.do("POST", "/v1/auth/logout", nil).Status)
 
-	// Expired: dave's API token works, then its expiry passes (set in the
-	// database: the API's shortest lifetime is a minute).
+	// Expired: dave's API token works until its expiry passes. The API's
+	// shortest lifetime is a minute, so the expiry is brought forward in the
+	// database, before the token's first use: expiry never changes in the
+	// API, and a node caches a token with its expiry. The refusal then comes
+	// from the expiry check on a cache hit (within the cache's TTL of the
+	// read, which is longer than this lifetime).
 	dave := register(t, srv.URL, "dave")
 	r = dave.do("POST", "/v1/auth/tokens", map[string]any{"name": "short", "expires_in_seconds": 60})
 	require.Equal(t, 201, r.Status, "%s", r.Body)
 	expiring := r.M(t)
 	require.NotNil(t, expiring["expires_at"])
 	expClient := dave.as(expiring["access_token"].(string))
-	require.Equal(t, 200, expClient.do("GET", "/v1/me", nil).Status)
 	db := apiDB(t, c.dbURL)
-	res, err := db.Exec(`UPDATE tokens SET expires_at = $1 WHERE id = $2`, time.Now().Add(-time.Second), expiring["id"])
+	expiresAt := time.Now().Add(3 * time.Second)
+	res, err := db.Exec(`UPDATE tokens SET expires_at = $1 WHERE id = $2`, expiresAt, expiring["id"])
 	require.NoError(t, err)
 	n, err := res.RowsAffected()
 	require.NoError(t, err)
 	require.EqualValues(t, 1, n)
+	require.Equal(t, 200, expClient.do("GET", "/v1/me", nil).Status)
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		return expClient.do("GET", "/v1/me", nil).Status == 401
+	}, "expired token refused")
+	require.False(t, time.Now().Before(expiresAt), "refused before it expired")
 
 	routes := []struct {
 		method, path string
@@ -379,6 +391,54 @@ func TestRoutesAdminDisabled(t *testing.T) {
 		c.do("POST", "/v1/admin/users/alice/tokens", nil).Problem(t, 404, "not_found")
 	}
 	alice.do("GET", "/v1/users/bot.one", nil).Problem(t, 404, "not_found")
+}
+
+// TestRoutesRevokedEverywhere proves that a revoked token (API token
+// deleted, session logged out) is refused by every node although each node
+// caches the tokens it has seen: at once by the node that revoked it, and
+// by the others within the cache's stated window (normally the bus delivers
+// in milliseconds; chat.DefaultTokenCacheTTL is the worst case).
+func TestRoutesRevokedEverywhere(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t)
+	n1, n2 := c.start(t, nodeOpts{}), c.start(t, nodeOpts{})
+	alice := register(t, n1.URL, "alice")
+	r := alice.do("POST", "/v1/auth/tokens", map[string]any{"name": "bot"})
+	require.Equal(t, 201, r.Status, "%s", r.Body)
+	bot := r.M(t)
+	secret := bot["access_token"].(string)
+
+	// use makes sure both nodes have the tokens cached (a few requests: a
+	// node caches once its revocation listener has subscribed).
+	use := func(tokens ...string) {
+		for _, n := range []*node{n1, n2} {
+			for _, tok := range tokens {
+				for range 3 {
+					require.Equal(t, 200, newClient(t, n.URL, tok).do("GET", "/v1/me", nil).Status)
+				}
+			}
+		}
+	}
+	refusedWithin := func(n *node, token string) {
+		t.Helper()
+		start := time.Now()
+		testenv.Eventually(t, chat.DefaultTokenCacheTTL+5*time.Second, func() bool {
+			return newClient(t, n.URL, token).do("GET", "/v1/me", nil).Status == 401
+		}, "revoked token refused by the other node")
+		require.Less(t, time.Since(start), chat.DefaultTokenCacheTTL+time.Second, "refused later than the cache's window")
+		newClient(t, n.URL, token).do("GET", "/v1/me", nil).Problem(t, 401, "unauthorized")
+	}
+
+	use(secret, alice.Token)
+	require.Equal(t, 204, alice.do("DELETE", path("/v1/auth/tokens/%s", bot["id"]), nil).Status) // through n1
+	newClient(t, n1.URL, secret).do("GET", "/v1/me", nil).Problem(t, 401, "unauthorized")
+	refusedWithin(n2, secret)
+	use(alice.Token) // the session lives on
+
+	onN2 := newClient(t, n2.URL, alice.Token)
+	require.Equal(t, 204, onN2.do("POST", "/v1/auth/logout", nil).Status)
+	onN2.do("GET", "/v1/me", nil).Problem(t, 401, "unauthorized")
+	refusedWithin(n1, alice.Token)
 }
 
 // TestRoutesAPITokens: create (secret shown once), list (never a secret),
