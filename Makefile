@@ -1,5 +1,5 @@
 # Thin aliases; scripts/test and scripts/run are the real entry points.
-.PHONY: test run generate lint bench
+.PHONY: test run generate lint bench bench-table
 
 test:
 	scripts/test
@@ -30,3 +30,15 @@ bench:
 	@status=0; for s in $(BENCH_SCENARIOS); do \
 		.local/imbench --url $(BENCH_URL) --scenario $$s $(BENCH_FLAGS) || status=1; \
 	done; exit $$status
+
+# The table of docs/performance.md: every scenario RUNS times per mode, each run
+# on a fresh imd (new schema and Redis prefix, or new data directory), then the
+# medians as Markdown (scripts/bench; --help there lists the scenarios):
+#   make bench-table RUNS=3 MODES='services embedded' SCENARIOS='fanout dm'
+# Results are appended to BENCH_OUT (default .local/bench/<date>.jsonl); BENCH_FLAGS
+# and BENCH_FLAGS_<scenario> (e.g. BENCH_FLAGS_idle=--streams=500) add imbench flags.
+RUNS ?= 3
+MODES ?= services embedded
+SCENARIOS ?= fanout fanout_rate dm hot idle reconnect
+bench-table:
+	scripts/bench --runs '$(RUNS)' --modes '$(MODES)' --scenarios '$(SCENARIOS)' $(if $(BENCH_OUT),--out '$(BENCH_OUT)')

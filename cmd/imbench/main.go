@@ -10,6 +10,11 @@
 // prints one JSON summary line on stdout and a table on stderr, and exits
 // non-zero when a message was missing, duplicated or out of order, the
 // hot scenario's history has a seq gap, or setup failed.
+//
+//	imbench summarize results.jsonl
+//
+// reads such lines back and prints the medians per scenario as a Markdown
+// table (summarize.go; scripts/bench makes the runs).
 package main
 
 import (
@@ -33,7 +38,13 @@ import (
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, os.Args[1:], os.Stdout, os.Stderr); err != nil {
+	var err error
+	if len(os.Args) > 1 && os.Args[1] == "summarize" {
+		err = summarize(os.Args[2:], os.Stdin, os.Stdout, os.Stderr)
+	} else {
+		err = run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "imbench:", err)
 		os.Exit(1)
 	}
@@ -66,6 +77,7 @@ type config struct {
 	setupConc    int
 	prefix       string
 	readBuf      int
+	label        string
 }
 
 // scenarioDefaults: the sizes of issue 6. Senders are closed loops (one
@@ -109,6 +121,7 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	fs.IntVar(&c.setupConc, "setup-concurrency", 32, "parallel setup requests and stream opens")
 	fs.StringVar(&c.prefix, "prefix", "", "user-name prefix (default b<random>; must be new on the server)")
 	fs.IntVar(&c.readBuf, "read-buffer", 4096, "SSE read buffer per stream, bytes")
+	fs.StringVar(&c.label, "label", "", "copied into the JSON line as \"label\" (e.g. services, embedded) for imbench summarize")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}

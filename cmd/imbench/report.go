@@ -107,6 +107,10 @@ type summary struct {
 	CatchupMs      *percentiles `json:"catchup_ms,omitempty"`
 	HistoryCount   *int64       `json:"history_messages,omitempty"`
 	SeqGaps        *int64       `json:"seq_gaps,omitempty"`
+	// Label is --label, for imbench summarize to tell modes (services,
+	// embedded) apart: which backends a server uses is not visible through
+	// the API. Last and omitted when empty, so lines without it are as before.
+	Label string `json:"label,omitempty"`
 }
 
 func round(v float64, digits int) float64 {
@@ -144,7 +148,7 @@ func (r *report) summary() summary {
 		Missing:        r.missing, Duplicates: r.dups, OutOfOrder: r.ooo,
 		Unacknowledged: r.unacked, Unknown: r.unknown, Resyncs: r.resyncs, StreamEnds: r.ends,
 		Streams: len(e.streams), StreamsReady: r.ready, Drained: r.drained, TimedOut: r.timedOut,
-		SetupS: round(r.setup.Seconds(), 3), RlimitNofile: r.nofile,
+		SetupS: round(r.setup.Seconds(), 3), RlimitNofile: r.nofile, Label: c.label,
 	}
 	if r.setupErr != nil {
 		s.Error = r.setupErr.Error()
