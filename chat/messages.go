@@ -72,7 +72,9 @@ func (s *Service) store1(ctx context.Context, p Principal, cid string, req SendR
 	if err != nil {
 		return m, false, err
 	}
-	s.disp.enqueue(ch.Events)
+	if !s.sendsDispatched {
+		s.disp.enqueue(ch.Events)
+	}
 	return m, created, nil
 }
 

@@ -136,6 +136,16 @@ type MessageStore interface {
 	MarkRead(ctx context.Context, cid, uid string, seq int64) (ReadState, Changed, error)
 }
 
+// CommitOrdered is implemented by a MessageStore that group-commits sends:
+// it calls fn with the outbox events of each committed batch in commit order
+// (a conversation's messages in seq order) before it answers the batch's
+// senders. The service then dispatches sends from fn rather than from each
+// sender's goroutine, whose wake-up order would scramble a batch's seqs and
+// cost the dispatcher a gap fill from the store for each reordering.
+type CommitOrdered interface {
+	OnSendCommitted(fn func([]OutboxEvent))
+}
+
 // Outbox is the durable queue of events awaiting dispatch.
 type Outbox interface {
 	// ClaimEvents leases up to limit events created before olderThan that no

@@ -105,8 +105,11 @@ type Service struct {
 	log    *slog.Logger
 	hooks  Hooks
 	disp   *dispatcher
-	tokens *tokenCache    // authenticated tokens (auth.go)
-	bg     sync.WaitGroup // background work besides the dispatcher
+	tokens *tokenCache // authenticated tokens (auth.go)
+	// sendsDispatched: the store hands committed sends to the dispatcher
+	// itself, in commit order (CommitOrdered).
+	sendsDispatched bool
+	bg              sync.WaitGroup // background work besides the dispatcher
 }
 
 // NewService wires the use cases; call Start to run the dispatcher.
@@ -117,6 +120,10 @@ func NewService(store Store, rt Realtime, hasher Hasher, cfg Config, log *slog.L
 	s := &Service{store: store, rt: rt, hasher: hasher, cfg: cfg.withDefaults(), log: log, hooks: hooks}
 	s.disp = newDispatcher(s)
 	s.tokens = newTokenCache(s.cfg.TokenCacheTTL)
+	if co, ok := store.(CommitOrdered); ok {
+		co.OnSendCommitted(s.disp.enqueue)
+		s.sendsDispatched = true
+	}
 	return s
 }
 

@@ -275,9 +275,13 @@ func (c *committer) commit(batch []*sendRequest) {
 			if err != nil {
 				one = []sendResult{{err: err}}
 			}
+			c.s.notifyCommitted(one)
 			r.done <- one[0]
 		}
 		return
+	}
+	if err == nil {
+		c.s.notifyCommitted(res)
 	}
 	for i, r := range batch {
 		if err != nil {

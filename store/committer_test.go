@@ -769,3 +769,55 @@ func TestSendLaneFailureIsolated(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, int64(3), m.Seq)
 }
+
+// OnSendCommitted gets every created message's event exactly once, each
+// conversation's in seq order however the senders' goroutines are woken, and
+// before the sender is answered; replays are not events.
+func TestSendCommittedInSeqOrder(t *testing.T) {
+	ctx := batchCtx(t)
+	s := openPostgresT(t, testenv.DatabaseURL(t))
+	setupUsers(t, ctx, s, "ann", "bob")
+	cids := []string{"g0", "g1"}
+	for _, cid := range cids {
+		setupGroupOf(t, ctx, s, cid, "ann", "bob")
+	}
+	var mu sync.Mutex
+	var got []chat.OutboxEvent
+	s.OnSendCommitted(func(evs []chat.OutboxEvent) {
+		mu.Lock()
+		got = append(got, evs...)
+		mu.Unlock()
+	})
+	const workers, each = 24, 20
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Go(func() {
+			for j := range each {
+				m := chat.NewMessage{ID: fmt.Sprintf("m%d-%d", w, j), ConversationID: cids[(w+j)%2],
+					SenderID: "ann", Text: "x", ClientMsgID: fmt.Sprintf("k%d-%d", w, j), CreatedAt: chat.Now()}
+				msg, created, _, err := s.Send(ctx, m)
+				if !assert.NoError(t, err) || !assert.True(t, created) {
+					return
+				}
+				mu.Lock()
+				seen := slices.ContainsFunc(got, func(e chat.OutboxEvent) bool {
+					return e.ConversationID == msg.ConversationID && e.Seq == msg.Seq
+				})
+				mu.Unlock()
+				assert.True(t, seen, "notified before the sender is answered")
+				// A replay stores nothing and notifies nothing.
+				_, created, _, err = s.Send(ctx, m)
+				assert.NoError(t, err)
+				assert.False(t, created)
+			}
+		})
+	}
+	wg.Wait()
+	next := map[string]int64{}
+	for _, e := range got {
+		require.Equal(t, chat.EventMessageCreated, e.Type)
+		next[e.ConversationID]++
+		require.Equal(t, next[e.ConversationID], e.Seq, "%s in seq order, each once", e.ConversationID)
+	}
+	require.Equal(t, int64(workers*each), next["g0"]+next["g1"])
+}

@@ -162,6 +162,29 @@ func canonicalNumber(n string) string {
 // Send stores m (G1–G3) in a transaction shared with the sends queued at the
 // same time (group commit, see committer.go and sendBatch), and returns after
 // that transaction has committed.
+// OnSendCommitted implements chat.CommitOrdered: fn gets the outbox events
+// of each committed batch of sends, in commit order (per conversation, seq
+// order), from the committer before it answers the batch's senders. One
+// subscriber; set it before the first Send.
+func (s *Store) OnSendCommitted(fn func([]chat.OutboxEvent)) { s.committed = fn }
+
+// notifyCommitted hands a committed batch's events to the OnSendCommitted
+// subscriber, if any.
+func (s *Store) notifyCommitted(res []sendResult) {
+	if s.committed == nil {
+		return
+	}
+	var evs []chat.OutboxEvent
+	for _, r := range res {
+		if r.err == nil && r.created {
+			evs = append(evs, r.events...)
+		}
+	}
+	if len(evs) > 0 {
+		s.committed(evs)
+	}
+}
+
 func (s *Store) Send(ctx context.Context, m chat.NewMessage) (chat.Message, bool, chat.Changed, error) {
 	res := s.lane(m.ConversationID).send(ctx, m)
 	if res.err != nil {

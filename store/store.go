@@ -66,6 +66,8 @@ type Store struct {
 	lanes []*committer
 	// stmts are sendBatch's prepared statements.
 	stmts sendStmts
+	// committed receives each committed batch's events (OnSendCommitted).
+	committed func([]chat.OutboxEvent)
 }
 
 // newStore returns a Store over its pools, with its committers running:
