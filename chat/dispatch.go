@@ -22,7 +22,10 @@ import (
 type dispatcher struct {
 	s      *Service
 	queues []chan OutboxEvent
-	wg     sync.WaitGroup
+	// acks carries the ids of delivered events to the acker, which deletes
+	// them from the outbox in batches (ack).
+	acks chan int64
+	wg   sync.WaitGroup
 }
 
 // queueDepth bounds memory per worker; beyond it events wait for the sweeper.
@@ -32,7 +35,7 @@ const queueDepth = 4096
 const gapFillBatch = 500
 
 func newDispatcher(s *Service) *dispatcher {
-	d := &dispatcher{s: s, queues: make([]chan OutboxEvent, s.cfg.DispatchWorkers)}
+	d := &dispatcher{s: s, queues: make([]chan OutboxEvent, s.cfg.DispatchWorkers), acks: make(chan int64, ackQueue)}
 	for i := range d.queues {
 		d.queues[i] = make(chan OutboxEvent, queueDepth)
 	}
@@ -44,6 +47,7 @@ func (d *dispatcher) start(ctx context.Context) {
 		d.wg.Go(func() { d.work(ctx, q) })
 	}
 	d.wg.Go(func() { d.sweep(ctx) })
+	d.wg.Go(func() { d.ack(ctx) })
 }
 
 func (d *dispatcher) wait() { d.wg.Wait() }
@@ -99,14 +103,62 @@ func (d *dispatcher) deliverAndAck(ctx context.Context, evs []OutboxEvent) bool 
 		d.s.log.Warn("dispatch failed; the sweeper retries", "events", len(evs), "first", evs[0].ID, "err", err)
 		return false
 	}
-	ids := make([]int64, len(evs))
-	for i, ev := range evs {
-		ids[i] = ev.ID
-	}
-	if err := d.s.store.EventsDone(ctx, ids); err != nil {
-		d.s.log.Warn("outbox ack", "events", len(ids), "err", err)
+	for _, ev := range evs {
+		select {
+		case d.acks <- ev.ID:
+		case <-ctx.Done():
+			return true // undeleted: a sweeper re-delivers it, the logs dedupe
+		}
 	}
 	return true
+}
+
+// ackQueue bounds the delivered events awaiting deletion; a full queue holds
+// the workers back until the acker catches up.
+const ackQueue = 1 << 16
+
+// ackBatch bounds one outbox delete.
+const ackBatch = 4096
+
+// ack deletes delivered events from the outbox, as many as have queued up in
+// one statement. The workers do not wait for it: a delete is a commit (a WAL
+// flush) that had made up a good part of a small round's time, during which
+// the next round of the conversation waited. An event whose delete is late
+// or lost is at worst delivered again by a sweeper after SweepAfter, which
+// the logs' dedupe absorbs.
+func (d *dispatcher) ack(ctx context.Context) {
+	ids := make([]int64, 0, ackBatch)
+	// more adds what is queued already, up to ackBatch.
+	more := func() {
+		for len(ids) < ackBatch {
+			select {
+			case id := <-d.acks:
+				ids = append(ids, id)
+			default:
+				return
+			}
+		}
+	}
+	for {
+		select {
+		case id := <-d.acks:
+			ids = append(ids[:0], id)
+			more()
+			if err := d.s.store.EventsDone(ctx, ids); err != nil {
+				d.s.log.Warn("outbox ack", "events", len(ids), "err", err)
+			}
+		case <-ctx.Done():
+			// Delete what the workers handed over before they stopped.
+			ids = ids[:0]
+			more()
+			if len(ids) > 0 {
+				fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+				_ = d.s.store.EventsDone(fctx, ids)
+				cancel()
+			}
+			return
+		}
+	}
 }
 
 // sweepLease is how long a claimed event is hidden from other sweepers: long

@@ -9,6 +9,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"imd/chat"
+	"imd/internal/testenv"
 )
 
 // TestRealtimeClusterDelivery proves G4 across nodes: 10 senders on 3 nodes
@@ -243,4 +244,29 @@ func TestRealtimeOfflineCatchUp(t *testing.T) {
 	before4, ready4 := rtWaitReady(t, s4.sseStream, 15*time.Second)
 	require.Empty(t, before4, "no resync and nothing to replay: %s", rtDescribe(before4))
 	require.Equal(t, evs[0].ID, ready4.String())
+}
+
+// TestRealtimeOutboxDrains: what the dispatcher delivered is deleted from
+// the outbox (in batches, after the delivery), so sweepers do not deliver it
+// again and again; each message is delivered exactly once all the same.
+func TestRealtimeOutboxDrains(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t)
+	n1 := c.start(t, nodeOpts{})
+	alice := rtProvision(t, n1.URL, "alice")
+	bob := rtProvision(t, n1.URL, "bob")
+	s := rtOpen(t, n1.URL, alice.Token, rtStreamOpts{})
+	rtWaitReady(t, s.sseStream, 10*time.Second)
+	cid := rtGroup(t, bob.client, "alice")
+	for i := range 30 {
+		rtSend(t, bob.client, cid, fmt.Sprintf("m%d", i))
+	}
+	evs := rtReadMessages(t, s.sseStream, 30, 15*time.Second)
+	require.Equal(t, rtSeqRange(1, 30), rtSeqs(rtMsgs(t, evs)))
+	db := apiDB(t, c.dbURL)
+	testenv.Eventually(t, 10*time.Second, func() bool {
+		var n int
+		require.NoError(t, db.Get(&n, "SELECT count(*) FROM outbox"))
+		return n == 0
+	}, "the outbox empties once its events are delivered")
 }
