@@ -216,12 +216,11 @@ type Presence interface {
 	Lookup(ctx context.Context, uids []string) ([]PresenceInfo, error)
 }
 
-// MemberCache caches member sets for authorization and fan-out. A miss
-// returns a version; Fill writes only if no Invalidate happened since, so a
-// slow reader cannot put back a member set older than a change.
+// MemberCache caches member sets for fan-out. A miss returns a version;
+// Fill writes only if no Invalidate happened since, so a slow reader cannot
+// put back a member set older than a change.
 type MemberCache interface {
 	CachedMembers(ctx context.Context, cid string) (members []string, ok bool, ver string, err error)
-	IsMember(ctx context.Context, cid, uid string) (member, ok bool, ver string, err error)
 	FillMembers(ctx context.Context, cid, ver string, members []string) error
 	InvalidateMembers(ctx context.Context, cid string) error
 }

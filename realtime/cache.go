@@ -37,15 +37,6 @@ end
 return {0, ver}
 `)
 
-// isMemberScript returns {1, ver, 1|0} on a hit, {0, ver} on a miss.
-var isMemberScript = redis.NewScript(`
-local ver = redis.call('GET', KEYS[2]) or '0'
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {1, ver, redis.call('SISMEMBER', KEYS[1], ARGV[1])}
-end
-return {0, ver}
-`)
-
 // fillMembersScript: ARGV ver, ttl (s), members... Writes only if the version
 // is still ver; SADD in chunks to stay below Lua's unpack limit.
 var fillMembersScript = redis.NewScript(`
@@ -80,21 +71,6 @@ func (r *Redis) CachedMembers(ctx context.Context, cid string) ([]string, bool, 
 		members = append(members, s)
 	}
 	return members, true, ver, nil
-}
-
-// IsMember implements chat.MemberCache.
-func (r *Redis) IsMember(ctx context.Context, cid, uid string) (bool, bool, string, error) {
-	res, err := r.runScript(ctx, isMemberScript, r.memberKeys(cid), uid).Slice()
-	if err != nil {
-		return false, false, "", fmt.Errorf("realtime: is member: %w", err)
-	}
-	hit, _ := res[0].(int64)
-	ver, _ := res[1].(string)
-	if hit != 1 {
-		return false, false, ver, nil
-	}
-	member, _ := res[2].(int64)
-	return member == 1, true, ver, nil
 }
 
 // FillMembers implements chat.MemberCache. An empty member list is not

@@ -15,8 +15,7 @@ import (
 // memMembers is one conversation's member cache: the group:members and
 // group:members:ver keys of cache.go, with the same TTLs.
 type memMembers struct {
-	list       []string            // nil = not cached
-	set        map[string]struct{} // the same members, for IsMember
+	list       []string // nil = not cached; no duplicates (a set in Redis)
 	setExpires time.Time
 	ver        int64 // 0 = absent (reads as "0")
 	verExpires time.Time
@@ -51,27 +50,6 @@ func (m *Memory) CachedMembers(ctx context.Context, cid string) ([]string, bool,
 	return slices.Clone(e.list), true, ver, nil
 }
 
-// IsMember implements chat.MemberCache.
-func (m *Memory) IsMember(ctx context.Context, cid, uid string) (bool, bool, string, error) {
-	if err := m.check(ctx); err != nil {
-		return false, false, "", fmt.Errorf("realtime: is member: %w", err)
-	}
-	now := m.now()
-	sh := m.members.of(cid)
-	sh.mu.RLock()
-	defer sh.mu.RUnlock()
-	e := sh.m[cid]
-	if e == nil {
-		return false, false, "0", nil
-	}
-	ver := strconv.FormatInt(e.version(now), 10)
-	if !e.cached(now) {
-		return false, false, ver, nil
-	}
-	_, member := e.set[uid]
-	return member, true, ver, nil
-}
-
 // FillMembers implements chat.MemberCache: only if the version is still
 // ver. An empty member list is not stored (as in Redis, which has no empty
 // set): the next lookup misses again.
@@ -93,15 +71,15 @@ func (m *Memory) FillMembers(ctx context.Context, cid, ver string, members []str
 	if strconv.FormatInt(e.version(now), 10) != ver {
 		return nil
 	}
-	set := make(map[string]struct{}, len(members))
+	seen := make(map[string]struct{}, len(members))
 	list := make([]string, 0, len(members))
 	for _, u := range members {
-		if _, dup := set[u]; !dup {
-			set[u] = struct{}{}
+		if _, dup := seen[u]; !dup {
+			seen[u] = struct{}{}
 			list = append(list, u)
 		}
 	}
-	e.list, e.set, e.setExpires = list, set, now.Add(membersTTL)
+	e.list, e.setExpires = list, now.Add(membersTTL)
 	sh.m[cid] = e
 	return nil
 }
@@ -122,7 +100,7 @@ func (m *Memory) InvalidateMembers(ctx context.Context, cid string) error {
 		sh.m[cid] = e
 	}
 	e.ver, e.verExpires = e.version(now)+1, now.Add(memberVersionTTL)
-	e.list, e.set = nil, nil
+	e.list = nil
 	return nil
 }
 
@@ -132,7 +110,7 @@ func (m *Memory) sweepMembers(now time.Time) {
 		sh.mu.Lock()
 		for cid, e := range sh.m {
 			if !e.cached(now) {
-				e.list, e.set = nil, nil
+				e.list = nil
 			}
 			if e.version(now) == 0 {
 				e.ver = 0

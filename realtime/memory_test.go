@@ -431,7 +431,7 @@ func TestMemoryConcurrency(t *testing.T) {
 					_ = m.InvalidateMembers(ctx, "c1")
 					m.sweep(time.Now())
 				}
-				_, _, _, _ = m.IsMember(ctx, "c1", u)
+				_, _, _, _ = m.CachedMembers(ctx, "c1")
 				_, _, _ = m.Allow(ctx, u, chat.Limit{Rate: 100, Period: time.Second, Burst: 10}, 1)
 				_, _, _ = m.SessionPage(ctx, u, nil, 10)
 				s.Close()
