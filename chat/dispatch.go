@@ -117,8 +117,15 @@ func (d *dispatcher) deliverAndAck(ctx context.Context, evs []OutboxEvent) bool 
 // the workers back until the acker catches up.
 const ackQueue = 1 << 16
 
-// ackBatch bounds one outbox delete.
-const ackBatch = 4096
+// ackBatch bounds one outbox delete; ackGather is how long the acker
+// collects before deleting. Each delete is a commit (a WAL flush), so
+// deleting whatever had queued up at once meant a commit every millisecond
+// or so under load; nothing waits for these deletes (a sweeper only looks at
+// events older than SweepAfter), so they can wait to be fewer.
+const (
+	ackBatch  = 4096
+	ackGather = 20 * time.Millisecond
+)
 
 // ack deletes delivered events from the outbox, as many as have queued up in
 // one statement. The workers do not wait for it: a delete is a commit (a WAL
@@ -128,33 +135,48 @@ const ackBatch = 4096
 // the logs' dedupe absorbs.
 func (d *dispatcher) ack(ctx context.Context) {
 	ids := make([]int64, 0, ackBatch)
-	// more adds what is queued already, up to ackBatch.
-	more := func() {
-		for len(ids) < ackBatch {
-			select {
-			case id := <-d.acks:
-				ids = append(ids, id)
-			default:
-				return
-			}
+	// del deletes ids; also after ctx ended (shutdown), for a bounded time.
+	del := func() {
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		if err := d.s.store.EventsDone(dctx, ids); err != nil {
+			d.s.log.Warn("outbox ack", "events", len(ids), "err", err)
 		}
 	}
+	gather := time.NewTimer(ackGather)
+	gather.Stop()
 	for {
 		select {
 		case id := <-d.acks:
 			ids = append(ids[:0], id)
-			more()
-			if err := d.s.store.EventsDone(ctx, ids); err != nil {
-				d.s.log.Warn("outbox ack", "events", len(ids), "err", err)
+			gather.Reset(ackGather)
+		collect:
+			for len(ids) < ackBatch {
+				select {
+				case id := <-d.acks:
+					ids = append(ids, id)
+				case <-gather.C:
+					break collect
+				case <-ctx.Done():
+					break collect
+				}
 			}
+			gather.Stop()
+			del()
 		case <-ctx.Done():
 			// Delete what the workers handed over before they stopped.
 			ids = ids[:0]
-			more()
+			for len(ids) < ackBatch {
+				select {
+				case id := <-d.acks:
+					ids = append(ids, id)
+					continue
+				default:
+				}
+				break
+			}
 			if len(ids) > 0 {
-				fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
-				_ = d.s.store.EventsDone(fctx, ids)
-				cancel()
+				del()
 			}
 			return
 		}
