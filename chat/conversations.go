@@ -367,6 +367,31 @@ func (s *Service) membershipChanged(ctx context.Context, cid string, ch Changed)
 	s.disp.enqueue(ch.Events)
 }
 
+// membersOf is members for several conversations, with one cache lookup
+// for all of them (a dispatcher round of direct messages touches as many
+// conversations as messages).
+func (s *Service) membersOf(ctx context.Context, cids []string) (map[string][]string, error) {
+	out := make(map[string][]string, len(cids))
+	sets, err := s.rt.CachedMembersOf(ctx, cids)
+	for i, cid := range cids {
+		if err == nil && sets[i].OK {
+			out[cid] = sets[i].Members
+			continue
+		}
+		ids, serr := s.store.MemberIDs(ctx, cid)
+		if serr != nil {
+			return nil, serr
+		}
+		if err == nil {
+			if ferr := s.rt.FillMembers(ctx, cid, sets[i].Ver, ids); ferr != nil {
+				s.log.Warn("member cache fill", "err", ferr)
+			}
+		}
+		out[cid] = ids
+	}
+	return out, nil
+}
+
 // members returns the member ids for fan-out: the Redis cache, filled from
 // PostgreSQL on a miss; PostgreSQL alone when Redis fails.
 func (s *Service) members(ctx context.Context, cid string) ([]string, error) {

@@ -231,9 +231,32 @@ func (d *dispatcher) sweep(ctx context.Context) {
 // same step), fills the gaps the logs report, and updates the caches that
 // depend on them.
 func (s *Service) deliver(ctx context.Context, evs []OutboxEvent) error {
-	members := map[string][]string{} // per conversation, for this batch
-	var removed [][2]string          // (user, conversation) to drop from session lists
+	var removed [][2]string // (user, conversation) to drop from session lists
 	var ds []Delivery
+	// The member sets the round needs, looked up at once; a conversation
+	// whose membership changes within the round is looked up in order below.
+	changing := map[string]bool{}
+	for _, ev := range evs {
+		switch ev.Type {
+		case EventMemberAdded, EventMemberRemoved, EventMemberUpdated:
+			changing[ev.ConversationID] = true
+		}
+	}
+	var lookup []string
+	seen := map[string]bool{}
+	for _, ev := range evs {
+		if len(ev.To) == 0 && !changing[ev.ConversationID] && !seen[ev.ConversationID] {
+			seen[ev.ConversationID] = true
+			lookup = append(lookup, ev.ConversationID)
+		}
+	}
+	members := map[string][]string{} // per conversation, for this batch
+	if len(lookup) > 0 {
+		var err error
+		if members, err = s.membersOf(ctx, lookup); err != nil {
+			return err
+		}
+	}
 	for _, ev := range evs {
 		switch ev.Type {
 		case EventMemberAdded, EventMemberRemoved, EventMemberUpdated:

@@ -221,8 +221,20 @@ type Presence interface {
 // put back a member set older than a change.
 type MemberCache interface {
 	CachedMembers(ctx context.Context, cid string) (members []string, ok bool, ver string, err error)
+	// CachedMembersOf is CachedMembers for several conversations at once, in
+	// the order given: a dispatcher round with many conversations (direct
+	// messages) costs one round trip, not one per conversation.
+	CachedMembersOf(ctx context.Context, cids []string) ([]MemberSet, error)
 	FillMembers(ctx context.Context, cid, ver string, members []string) error
 	InvalidateMembers(ctx context.Context, cid string) error
+}
+
+// MemberSet is one conversation's answer of CachedMembersOf: the members
+// when OK (a hit), and the version to fill a miss with.
+type MemberSet struct {
+	Members []string
+	OK      bool
+	Ver     string
 }
 
 // SessionCache keeps each user's conversation list ordered by last activity.

@@ -55,22 +55,48 @@ func seconds(d time.Duration) int64 { return int64((d + time.Second - 1) / time.
 
 // CachedMembers implements chat.MemberCache. ver is returned on hits too.
 func (r *Redis) CachedMembers(ctx context.Context, cid string) ([]string, bool, string, error) {
-	res, err := r.runScript(ctx, cachedMembersScript, r.memberKeys(cid)).Slice()
+	sets, err := r.CachedMembersOf(ctx, []string{cid})
 	if err != nil {
-		return nil, false, "", fmt.Errorf("realtime: cached members: %w", err)
+		return nil, false, "", err
 	}
-	hit, _ := res[0].(int64)
-	ver, _ := res[1].(string)
-	if hit != 1 {
-		return nil, false, ver, nil
+	return sets[0].Members, sets[0].OK, sets[0].Ver, nil
+}
+
+// CachedMembersOf implements chat.MemberCache: one script per conversation,
+// in one pipeline.
+func (r *Redis) CachedMembersOf(ctx context.Context, cids []string) ([]chat.MemberSet, error) {
+	calls := make([]scriptCall, len(cids))
+	for i, cid := range cids {
+		calls[i] = scriptCall{keys: r.memberKeys(cid)}
 	}
-	raw, _ := res[2].([]any)
-	members := make([]string, 0, len(raw))
-	for _, m := range raw {
-		s, _ := m.(string)
-		members = append(members, s)
+	cmds, err := r.runScripts(ctx, cachedMembersScript, calls)
+	if err != nil {
+		return nil, fmt.Errorf("realtime: cached members: %w", err)
 	}
-	return members, true, ver, nil
+	sets := make([]chat.MemberSet, len(cids))
+	for i, c := range cmds {
+		res, err := c.Slice()
+		if err != nil {
+			return nil, fmt.Errorf("realtime: cached members: %w", err)
+		}
+		if len(res) < 2 {
+			return nil, fmt.Errorf("realtime: cached members: unexpected reply %v", res)
+		}
+		hit, _ := res[0].(int64)
+		ver, _ := res[1].(string)
+		sets[i].Ver = ver
+		if hit != 1 || len(res) < 3 {
+			continue
+		}
+		raw, _ := res[2].([]any)
+		members := make([]string, 0, len(raw))
+		for _, m := range raw {
+			s, _ := m.(string)
+			members = append(members, s)
+		}
+		sets[i].Members, sets[i].OK = members, true
+	}
+	return sets, nil
 }
 
 // FillMembers implements chat.MemberCache. An empty member list is not

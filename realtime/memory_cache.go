@@ -50,6 +50,19 @@ func (m *Memory) CachedMembers(ctx context.Context, cid string) ([]string, bool,
 	return slices.Clone(e.list), true, ver, nil
 }
 
+// CachedMembersOf implements chat.MemberCache.
+func (m *Memory) CachedMembersOf(ctx context.Context, cids []string) ([]chat.MemberSet, error) {
+	sets := make([]chat.MemberSet, len(cids))
+	for i, cid := range cids {
+		members, ok, ver, err := m.CachedMembers(ctx, cid)
+		if err != nil {
+			return nil, err
+		}
+		sets[i] = chat.MemberSet{Members: members, OK: ok, Ver: ver}
+	}
+	return sets, nil
+}
+
 // FillMembers implements chat.MemberCache: only if the version is still
 // ver. An empty member list is not stored (as in Redis, which has no empty
 // set): the next lookup misses again.

@@ -716,6 +716,22 @@ func testMemberCache(t *testing.T, h Harness) {
 	slices.Sort(members)
 	require.Equal(t, []string{"alice", "bob", "carol"}, members)
 
+	// Several at once, in the order asked, each as it would answer alone.
+	_, _, verG2, err := rt.CachedMembers(ctx, "g2")
+	require.NoError(t, err)
+	sets, err := rt.CachedMembersOf(ctx, []string{"g2", "g1", "g2"})
+	require.NoError(t, err)
+	require.Len(t, sets, 3)
+	require.False(t, sets[0].OK)
+	require.Equal(t, verG2, sets[0].Ver, "a miss carries the version to fill with")
+	require.True(t, sets[1].OK)
+	slices.Sort(sets[1].Members)
+	require.Equal(t, []string{"alice", "bob", "carol"}, sets[1].Members)
+	require.Equal(t, sets[0], sets[2])
+	sets, err = rt.CachedMembersOf(ctx, nil)
+	require.NoError(t, err)
+	require.Empty(t, sets)
+
 	// Invalidation drops the set; other conversations are unaffected.
 	_, ok, _, err = rt.CachedMembers(ctx, "g2")
 	require.NoError(t, err)
