@@ -372,7 +372,7 @@ func (s *Service) membershipChanged(ctx context.Context, cid string, ch Changed)
 // conversations as messages).
 func (s *Service) membersOf(ctx context.Context, cids []string) (map[string][]string, error) {
 	out := make(map[string][]string, len(cids))
-	sets, err := s.rt.CachedMembersOf(ctx, cids)
+	sets, err := s.rt.CachedMembers(ctx, cids)
 	for i, cid := range cids {
 		if err == nil && sets[i].OK {
 			out[cid] = sets[i].Members
@@ -395,18 +395,6 @@ func (s *Service) membersOf(ctx context.Context, cids []string) (map[string][]st
 // members returns the member ids for fan-out: the Redis cache, filled from
 // PostgreSQL on a miss; PostgreSQL alone when Redis fails.
 func (s *Service) members(ctx context.Context, cid string) ([]string, error) {
-	ids, ok, ver, err := s.rt.CachedMembers(ctx, cid)
-	if err == nil && ok {
-		return ids, nil
-	}
-	ids, serr := s.store.MemberIDs(ctx, cid)
-	if serr != nil {
-		return nil, serr
-	}
-	if err == nil {
-		if ferr := s.rt.FillMembers(ctx, cid, ver, ids); ferr != nil {
-			s.log.Warn("member cache fill", "err", ferr)
-		}
-	}
-	return ids, nil
+	m, err := s.membersOf(ctx, []string{cid})
+	return m[cid], err
 }

@@ -220,16 +220,15 @@ type Presence interface {
 // Fill writes only if no Invalidate happened since, so a slow reader cannot
 // put back a member set older than a change.
 type MemberCache interface {
-	CachedMembers(ctx context.Context, cid string) (members []string, ok bool, ver string, err error)
-	// CachedMembersOf is CachedMembers for several conversations at once, in
-	// the order given: a dispatcher round with many conversations (direct
+	// CachedMembers looks up several conversations at once, answering in the
+	// order given: a dispatcher round with many conversations (direct
 	// messages) costs one round trip, not one per conversation.
-	CachedMembersOf(ctx context.Context, cids []string) ([]MemberSet, error)
+	CachedMembers(ctx context.Context, cids []string) ([]MemberSet, error)
 	FillMembers(ctx context.Context, cid, ver string, members []string) error
 	InvalidateMembers(ctx context.Context, cid string) error
 }
 
-// MemberSet is one conversation's answer of CachedMembersOf: the members
+// MemberSet is one conversation's answer of CachedMembers: the members
 // when OK (a hit), and the version to fill a miss with.
 type MemberSet struct {
 	Members []string

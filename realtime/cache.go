@@ -53,18 +53,9 @@ return 1
 
 func seconds(d time.Duration) int64 { return int64((d + time.Second - 1) / time.Second) }
 
-// CachedMembers implements chat.MemberCache. ver is returned on hits too.
-func (r *Redis) CachedMembers(ctx context.Context, cid string) ([]string, bool, string, error) {
-	sets, err := r.CachedMembersOf(ctx, []string{cid})
-	if err != nil {
-		return nil, false, "", err
-	}
-	return sets[0].Members, sets[0].OK, sets[0].Ver, nil
-}
-
-// CachedMembersOf implements chat.MemberCache: one script per conversation,
-// in one pipeline.
-func (r *Redis) CachedMembersOf(ctx context.Context, cids []string) ([]chat.MemberSet, error) {
+// CachedMembers implements chat.MemberCache: one script per conversation,
+// in one pipeline; the version is returned on hits too.
+func (r *Redis) CachedMembers(ctx context.Context, cids []string) ([]chat.MemberSet, error) {
 	calls := make([]scriptCall, len(cids))
 	for i, cid := range cids {
 		calls[i] = scriptCall{keys: r.memberKeys(cid)}

@@ -30,37 +30,34 @@ func (e *memMembers) version(now time.Time) int64 {
 	return 0
 }
 
-// CachedMembers implements chat.MemberCache. ver is returned on hits too.
-func (m *Memory) CachedMembers(ctx context.Context, cid string) ([]string, bool, string, error) {
+// CachedMembers implements chat.MemberCache; the version is returned on
+// hits too.
+func (m *Memory) CachedMembers(ctx context.Context, cids []string) ([]chat.MemberSet, error) {
 	if err := m.check(ctx); err != nil {
-		return nil, false, "", fmt.Errorf("realtime: cached members: %w", err)
+		return nil, fmt.Errorf("realtime: cached members: %w", err)
 	}
+	sets := make([]chat.MemberSet, len(cids))
+	for i, cid := range cids {
+		members, ok, ver := m.cachedMembers(cid)
+		sets[i] = chat.MemberSet{Members: members, OK: ok, Ver: ver}
+	}
+	return sets, nil
+}
+
+func (m *Memory) cachedMembers(cid string) ([]string, bool, string) {
 	now := m.now()
 	sh := m.members.of(cid)
 	sh.mu.RLock()
 	defer sh.mu.RUnlock()
 	e := sh.m[cid]
 	if e == nil {
-		return nil, false, "0", nil
+		return nil, false, "0"
 	}
 	ver := strconv.FormatInt(e.version(now), 10)
 	if !e.cached(now) {
-		return nil, false, ver, nil
+		return nil, false, ver
 	}
-	return slices.Clone(e.list), true, ver, nil
-}
-
-// CachedMembersOf implements chat.MemberCache.
-func (m *Memory) CachedMembersOf(ctx context.Context, cids []string) ([]chat.MemberSet, error) {
-	sets := make([]chat.MemberSet, len(cids))
-	for i, cid := range cids {
-		members, ok, ver, err := m.CachedMembers(ctx, cid)
-		if err != nil {
-			return nil, err
-		}
-		sets[i] = chat.MemberSet{Members: members, OK: ok, Ver: ver}
-	}
-	return sets, nil
+	return slices.Clone(e.list), true, ver
 }
 
 // FillMembers implements chat.MemberCache: only if the version is still

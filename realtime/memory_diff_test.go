@@ -20,6 +20,7 @@ import (
 
 	"imd/chat"
 	"imd/internal/testenv"
+	"imd/realtime/realtimetest"
 )
 
 // epochPairs matches the epochs of the two implementations' logs, per
@@ -217,9 +218,9 @@ func TestMemoryMatchesRedis(t *testing.T) {
 				require.NoError(t, r.InvalidateMembers(ctx, cid))
 				require.NoError(t, m.InvalidateMembers(ctx, cid))
 			}
-			_, rok, rver, err := r.CachedMembers(ctx, cid)
+			_, rok, rver, err := realtimetest.CachedOne(ctx, r, cid)
 			require.NoError(t, err)
-			_, mok, mver, err := m.CachedMembers(ctx, cid)
+			_, mok, mver, err := realtimetest.CachedOne(ctx, m, cid)
 			require.NoError(t, err)
 			require.Equal(t, rok, mok, what)
 			require.Equal(t, rver, mver, what)
@@ -232,9 +233,9 @@ func TestMemoryMatchesRedis(t *testing.T) {
 				require.NoError(t, r.FillMembers(ctx, cid, ver, members))
 				require.NoError(t, m.FillMembers(ctx, cid, ver, members))
 			}
-			rm, rok, rver, err := r.CachedMembers(ctx, cid)
+			rm, rok, rver, err := realtimetest.CachedOne(ctx, r, cid)
 			require.NoError(t, err)
-			mm, mok, mver, err := m.CachedMembers(ctx, cid)
+			mm, mok, mver, err := realtimetest.CachedOne(ctx, m, cid)
 			require.NoError(t, err)
 			slices.Sort(rm)
 			slices.Sort(mm)

@@ -273,7 +273,7 @@ func TestMemoryBounded(t *testing.T) {
 
 	m.sweep(time.Now().Add(2 * time.Hour))
 	require.Equal(t, 1, shardLen(&m.members), "the member set expired")
-	_, ok, _, err := m.CachedMembers(ctx, "c2")
+	_, ok, _, err := realtimetest.CachedOne(ctx, m, "c2")
 	require.NoError(t, err)
 	require.False(t, ok)
 
@@ -431,7 +431,7 @@ func TestMemoryConcurrency(t *testing.T) {
 					_ = m.InvalidateMembers(ctx, "c1")
 					m.sweep(time.Now())
 				}
-				_, _, _, _ = m.CachedMembers(ctx, "c1")
+				_, _, _, _ = realtimetest.CachedOne(ctx, m, "c1")
 				_, _, _ = m.Allow(ctx, u, chat.Limit{Rate: 100, Period: time.Second, Burst: 10}, 1)
 				_, _, _ = m.SessionPage(ctx, u, nil, 10)
 				s.Close()

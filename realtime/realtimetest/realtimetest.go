@@ -701,25 +701,25 @@ func testPresenceExpiry(t *testing.T, h Harness) {
 func testMemberCache(t *testing.T, h Harness) {
 	rt := h.New(t)
 	ctx := ctxFor(t)
-	_, ok, ver, err := rt.CachedMembers(ctx, "g1")
+	_, ok, ver, err := CachedOne(ctx, rt, "g1")
 	require.NoError(t, err)
 	require.False(t, ok)
-	_, ok, ver2, err := rt.CachedMembers(ctx, "g1")
+	_, ok, ver2, err := CachedOne(ctx, rt, "g1")
 	require.NoError(t, err)
 	require.False(t, ok)
 	require.Equal(t, ver, ver2, "the version holds until a change")
 
 	require.NoError(t, rt.FillMembers(ctx, "g1", ver, []string{"alice", "bob", "carol"}))
-	members, ok, _, err := rt.CachedMembers(ctx, "g1")
+	members, ok, _, err := CachedOne(ctx, rt, "g1")
 	require.NoError(t, err)
 	require.True(t, ok)
 	slices.Sort(members)
 	require.Equal(t, []string{"alice", "bob", "carol"}, members)
 
 	// Several at once, in the order asked, each as it would answer alone.
-	_, _, verG2, err := rt.CachedMembers(ctx, "g2")
+	_, _, verG2, err := CachedOne(ctx, rt, "g2")
 	require.NoError(t, err)
-	sets, err := rt.CachedMembersOf(ctx, []string{"g2", "g1", "g2"})
+	sets, err := rt.CachedMembers(ctx, []string{"g2", "g1", "g2"})
 	require.NoError(t, err)
 	require.Len(t, sets, 3)
 	require.False(t, sets[0].OK)
@@ -728,23 +728,23 @@ func testMemberCache(t *testing.T, h Harness) {
 	slices.Sort(sets[1].Members)
 	require.Equal(t, []string{"alice", "bob", "carol"}, sets[1].Members)
 	require.Equal(t, sets[0], sets[2])
-	sets, err = rt.CachedMembersOf(ctx, nil)
+	sets, err = rt.CachedMembers(ctx, nil)
 	require.NoError(t, err)
 	require.Empty(t, sets)
 
 	// Invalidation drops the set; other conversations are unaffected.
-	_, ok, _, err = rt.CachedMembers(ctx, "g2")
+	_, ok, _, err = CachedOne(ctx, rt, "g2")
 	require.NoError(t, err)
 	require.False(t, ok)
 	require.NoError(t, rt.InvalidateMembers(ctx, "g1"))
-	_, ok, ver3, err := rt.CachedMembers(ctx, "g1")
+	_, ok, ver3, err := CachedOne(ctx, rt, "g1")
 	require.NoError(t, err)
 	require.False(t, ok)
 	require.NotEqual(t, ver, ver3)
 
 	// An empty member list is not a cached answer.
 	require.NoError(t, rt.FillMembers(ctx, "g1", ver3, nil))
-	_, ok, _, err = rt.CachedMembers(ctx, "g1")
+	_, ok, _, err = CachedOne(ctx, rt, "g1")
 	require.NoError(t, err)
 	require.False(t, ok)
 }
@@ -752,18 +752,18 @@ func testMemberCache(t *testing.T, h Harness) {
 func testMemberInvalidate(t *testing.T, h Harness) {
 	rt := h.New(t)
 	ctx := ctxFor(t)
-	_, ok, stale, err := rt.CachedMembers(ctx, "g1")
+	_, ok, stale, err := CachedOne(ctx, rt, "g1")
 	require.NoError(t, err)
 	require.False(t, ok)
 	// Between the miss and the fill, membership changes.
 	require.NoError(t, rt.InvalidateMembers(ctx, "g1"))
 	require.NoError(t, rt.FillMembers(ctx, "g1", stale, []string{"alice", "removed-user"}))
-	_, ok, fresh, err := rt.CachedMembers(ctx, "g1")
+	_, ok, fresh, err := CachedOne(ctx, rt, "g1")
 	require.NoError(t, err)
 	require.False(t, ok, "a fill with a version older than an invalidation is dropped")
 
 	require.NoError(t, rt.FillMembers(ctx, "g1", fresh, []string{"alice"}))
-	members, ok, _, err := rt.CachedMembers(ctx, "g1")
+	members, ok, _, err := CachedOne(ctx, rt, "g1")
 	require.NoError(t, err)
 	require.True(t, ok)
 	require.Equal(t, []string{"alice"}, members)
@@ -1022,4 +1022,13 @@ func BenchAppend(b *testing.B, open func(b *testing.B) chat.Realtime) {
 		})
 		b.ReportMetric(float64(b.N*users)/b.Elapsed().Seconds(), "recipients/s")
 	})
+}
+
+// CachedOne is MemberCache.CachedMembers for one conversation.
+func CachedOne(ctx context.Context, c chat.MemberCache, cid string) ([]string, bool, string, error) {
+	sets, err := c.CachedMembers(ctx, []string{cid})
+	if err != nil {
+		return nil, false, "", err
+	}
+	return sets[0].Members, sets[0].OK, sets[0].Ver, nil
 }
