@@ -46,7 +46,9 @@ func (d *dispatcher) start(ctx context.Context) {
 	for _, q := range d.queues {
 		d.wg.Go(func() { d.work(ctx, q) })
 	}
-	d.wg.Go(func() { d.sweep(ctx) })
+	if !d.s.hooks.NoSweeper {
+		d.wg.Go(func() { d.sweep(ctx) })
+	}
 	d.wg.Go(func() { d.ack(ctx) })
 }
 

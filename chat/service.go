@@ -94,6 +94,10 @@ type Hooks struct {
 	// path as if the node died right after the commit; the sweeper must
 	// deliver it.
 	SkipFastDispatch func(OutboxEvent) bool
+	// NoSweeper stops this node's outbox sweeper, so that only the fast
+	// path delivers: a test of the fast path cannot pass through the
+	// sweeper's retries.
+	NoSweeper bool
 }
 
 // Service is the use cases. It is safe for concurrent use.

@@ -270,3 +270,32 @@ func TestRealtimeOutboxDrains(t *testing.T) {
 		return n == 0
 	}, "the outbox empties once its events are delivered")
 }
+
+// TestRealtimeFastPathAlone: with no sweeper, every message still arrives,
+// in order: concurrent sends into one group are handed to the dispatcher by
+// the store's committer in commit order (chat.CommitOrdered), not left to
+// the outbox sweeper's retries.
+func TestRealtimeFastPathAlone(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t)
+	n1 := c.start(t, nodeOpts{hooks: chat.Hooks{NoSweeper: true}})
+	alice := rtProvision(t, n1.URL, "alice")
+	bob := rtProvision(t, n1.URL, "bob")
+	carol := rtProvision(t, n1.URL, "carol")
+	s := rtOpen(t, n1.URL, alice.Token, rtStreamOpts{})
+	rtWaitReady(t, s.sseStream, 10*time.Second)
+	cid := rtGroup(t, bob.client, "alice", "carol")
+	var wg sync.WaitGroup
+	for _, u := range []user{bob, carol} {
+		for range 3 {
+			wg.Go(func() {
+				for i := range 10 {
+					rtSend(t, u.client, cid, fmt.Sprintf("m%d", i))
+				}
+			})
+		}
+	}
+	wg.Wait()
+	evs := rtReadMessages(t, s.sseStream, 60, 15*time.Second)
+	require.Equal(t, rtSeqRange(1, 60), rtSeqs(rtMsgs(t, evs)), "every message once, in seq order, by the fast path alone")
+}
