@@ -231,12 +231,13 @@ local function append_user(u, k, candidate, channel, idx)
     end
   end
   -- The conversation list moves only if cached (else it is filled whole
-  -- from the database on its next read); GT: never back. A cached list
-  -- always holds the sentinel, so a ZADD that leaves one member created the
-  -- list: undone. The common case, a conversation already listed, is one call.
-  for cid in pairs(touch) do
-    if redis.call('ZADD', k[6], 'GT', toucha[cid], cid) == 1 and redis.call('ZCARD', k[6]) == 1 then
-      redis.call('DEL', k[6])
+  -- from the database on its next read); GT: never back. EXISTS first: most
+  -- recipients of a large group have no cached list, and a ZADD would
+  -- create one only to have it deleted again, which had cost more than the
+  -- rest of their append together (docs/performance.md).
+  if next(touch) and redis.call('EXISTS', k[6]) == 1 then
+    for cid in pairs(touch) do
+      redis.call('ZADD', k[6], 'GT', toucha[cid], cid)
     end
   end
   -- The TTL is looked at when the offsets cross a multiple of 64, not on
