@@ -49,16 +49,15 @@ const benchConversations = 1000
 func benchStores(b *testing.B) map[string]func(b *testing.B) *Store {
 	return map[string]func(b *testing.B) *Store{
 		"postgres": func(b *testing.B) *Store {
+			var opts []Option
 			if v := os.Getenv("IMD_BENCH_LANES"); v != "" {
 				n, err := strconv.Atoi(v)
 				if err != nil {
 					b.Fatal(err)
 				}
-				old := SendLanes
-				SendLanes = n
-				b.Cleanup(func() { SendLanes = old })
+				opts = append(opts, WithSendLanes(n))
 			}
-			s, err := Open(context.Background(), testenv.DatabaseURL(b)+"&application_name="+benchAppName())
+			s, err := Open(context.Background(), testenv.DatabaseURL(b)+"&application_name="+benchAppName(), opts...)
 			if err != nil {
 				b.Fatal(err)
 			}

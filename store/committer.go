@@ -16,11 +16,12 @@ import (
 // SQLite) and a conversation row lock held across several round trips, so
 // sends into one conversation queue behind each other's commits (DESIGN.md §8:
 // ~4,300 msg/s across conversations, ~860 msg/s into one, on this machine's
-// PostgreSQL). Instead each Store has committers (SendLanes of them, each
-// serving a fixed share of the conversations): Send queues its message with
-// its conversation's committer and waits; the committer takes the queued
-// messages as one batch, stores them in one transaction (sendBatch) and
-// answers every sender after the commit (G1).
+// PostgreSQL). Instead each Store has committers ("lanes": DefaultSendLanes
+// unless Open is given WithSendLanes, each serving a fixed share of the
+// conversations): Send queues its message with its conversation's committer
+// and waits; the committer takes the queued messages as one batch, stores
+// them in one transaction (sendBatch) and answers every sender after the
+// commit (G1).
 //
 // A request whose context ends while it is queued is dropped with its
 // context's error and never stored; once its batch has started, it waits for
@@ -55,21 +56,28 @@ const (
 	MaxSendBatch = 256
 )
 
-// SendLanes is how many committers ("lanes") a PostgreSQL store runs (SQLite:
-// one, its single writer runs one transaction at a time anyway), read when
-// the store opens. A conversation always takes the same lane (laneOf), which
-// commits its batches one after another; the lanes' transactions run at
-// once, so one's round trips and commit flush overlap another's. But lanes
-// split the queue, and smaller batches cost the database more per message.
-// Measured on this machine (2 cores, shared with other load; 64 senders over
-// 1000 conversations, BenchmarkSendManyConversations, interleaved runs,
-// medians of 3): 1 lane ~33 messages a batch, 5,611 msg/s at 60 µs of
-// PostgreSQL CPU a message; 2 lanes ~17 a batch, 5,878 msg/s at 90 µs; with
-// the earlier statements (five a batch, VALUES lists) 4 lanes (~9 a batch)
-// and 8 (~4) cost 2–4× the CPU a message and were slower. On 2 cores the
-// database's CPU is the limit, so one lane; more pay off only with cores to
-// spare (the benchmarks take IMD_BENCH_LANES).
-var SendLanes = 1
+// Send lanes: how many committers a PostgreSQL store runs (WithSendLanes;
+// SQLite always runs one, its single writer runs one transaction at a time
+// anyway). A conversation always takes the same lane (laneOf), which commits
+// its batches one after another; the lanes' transactions run at once, so one's
+// round trips and commit flush overlap another's. But lanes split the queue,
+// and smaller batches cost the database more per message.
+const (
+	// DefaultSendLanes is one lane. Measured on this machine (2 cores, shared;
+	// 64 senders over 1000 conversations, BenchmarkSendManyConversations,
+	// interleaved runs, medians of 3): 1 lane ~33 messages a batch, 5,611
+	// msg/s at 60 µs of PostgreSQL CPU a message; 2 lanes ~17 a batch, 5,878
+	// msg/s (+5%) at 90 µs (+50%); with earlier statements (five a batch,
+	// VALUES lists) 4 lanes (~9 a batch) and 8 (~4) cost 2–4× the CPU a
+	// message and were slower. With the database's CPU the limit, one lane;
+	// more pay off only when the database has cores to spare (the benchmarks
+	// take IMD_BENCH_LANES).
+	DefaultSendLanes = 1
+	// MaxSendLanes bounds WithSendLanes: a lane holds a pool connection while
+	// its batch commits, and more lanes than half of DefaultMaxOpenConns
+	// would leave reads and the other writes waiting for connections.
+	MaxSendLanes = DefaultMaxOpenConns / 2
+)
 
 // laneOf maps a conversation to one of n lanes (FNV-1a of its id), so that
 // its sends are always committed by the same lane, one batch after another:

@@ -29,10 +29,10 @@ func batchCtx(t *testing.T) context.Context {
 	return ctx
 }
 
-func openPostgresT(t *testing.T, dsn string) *Store {
+func openPostgresT(t *testing.T, dsn string, opts ...Option) *Store {
 	t.Helper()
 	ctx := batchCtx(t)
-	s, err := Open(ctx, dsn)
+	s, err := Open(ctx, dsn, opts...)
 	require.NoError(t, err)
 	s.DB().SetMaxOpenConns(4)
 	t.Cleanup(func() { _ = s.Close() })
@@ -46,8 +46,7 @@ func openPostgresT(t *testing.T, dsn string) *Store {
 func bothDialects(t *testing.T, fn func(t *testing.T, s *Store)) {
 	t.Run("postgres", func(t *testing.T) {
 		t.Parallel()
-		s := openPostgresT(t, testenv.DatabaseURL(t))
-		oneLane(s)
+		s := openPostgresT(t, testenv.DatabaseURL(t), WithSendLanes(1))
 		fn(t, s)
 	})
 	t.Run("sqlite", func(t *testing.T) {
@@ -69,24 +68,9 @@ func setBatching(s *Store, delay time.Duration, max int) {
 }
 
 // holdBatches makes each lane start a batch only once n sends are queued in
-// it: the sends of one conversation, or of several once the store has one
-// lane (oneLane).
+// it: the sends of one conversation, or of several when the store has one
+// lane (WithSendLanes(1)).
 func holdBatches(s *Store, n int) { setBatching(s, time.Hour, n) }
-
-// oneLane replaces an idle store's lanes by one, so that sends into several
-// conversations share batches.
-func oneLane(s *Store) { setLanes(s, 1) }
-
-// setLanes replaces an idle store's lanes by n.
-func setLanes(s *Store, n int) {
-	for _, c := range s.lanes {
-		c.close()
-	}
-	s.lanes = make([]*committer, n)
-	for i := range s.lanes {
-		s.lanes[i] = newCommitter(s)
-	}
-}
 
 // inLane returns a conversation id of the form prefix<n> that s commits in
 // lane.
@@ -678,8 +662,7 @@ func sortedCopy(s []int64) []int64 {
 // stored once.
 func TestSendLanesGapless(t *testing.T) {
 	ctx := batchCtx(t)
-	s := openPostgresT(t, testenv.DatabaseURL(t))
-	setLanes(s, 4)
+	s := openPostgresT(t, testenv.DatabaseURL(t), WithSendLanes(4))
 	setupUsers(t, ctx, s, "ann", "bob")
 	const convs, workers, each = 8, 16, 40
 	cids := make([]string, convs)
@@ -715,13 +698,37 @@ func TestSendLanesGapless(t *testing.T) {
 	require.Equal(t, workers*each, total)
 }
 
+// WithSendLanes sets a PostgreSQL store's lanes; SQLite keeps its one; a
+// count out of range is an error from Open, before anything is opened.
+func TestSendLanesOption(t *testing.T) {
+	t.Parallel()
+	ctx := batchCtx(t)
+	dsn := testenv.DatabaseURL(t)
+	require.Len(t, openPostgresT(t, dsn).lanes, DefaultSendLanes)
+	require.Len(t, openPostgresT(t, dsn, WithSendLanes(3)).lanes, 3)
+	require.Len(t, openPostgresT(t, dsn, WithSendLanes(MaxSendLanes)).lanes, MaxSendLanes)
+
+	lite, err := Open(ctx, "sqlite:"+t.TempDir()+"/imd.db", WithSendLanes(4))
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = lite.Close() })
+	require.Len(t, lite.lanes, 1, "SQLite's single writer: one lane")
+
+	for _, n := range []int{0, -1, MaxSendLanes + 1} {
+		for _, url := range []string{dsn, "sqlite:" + t.TempDir() + "/bad.db"} {
+			s, err := Open(ctx, url, WithSendLanes(n))
+			require.Error(t, err, "%d lanes, %s", n, url)
+			require.Nil(t, s)
+			require.Contains(t, err.Error(), "send lanes")
+		}
+	}
+}
+
 // A lane whose batch is stuck (its conversation locked by another
 // transaction) and then fails does not hold up or fail the other lanes, and
 // stores nothing: its conversation stays gapless.
 func TestSendLaneFailureIsolated(t *testing.T) {
 	ctx := batchCtx(t)
-	s := openPostgresT(t, testenv.DatabaseURL(t))
-	setLanes(s, 2)
+	s := openPostgresT(t, testenv.DatabaseURL(t), WithSendLanes(2))
 	setupUsers(t, ctx, s, "ann", "bob")
 	stuck, free := inLane(s, "a", 0), inLane(s, "b", 1)
 	setupGroupOf(t, ctx, s, stuck, "ann", "bob")

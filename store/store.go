@@ -70,16 +70,21 @@ type Store struct {
 	committed func([]chat.OutboxEvent)
 }
 
-// newStore returns a Store over its pools, with its committers running:
-// SendLanes of them on PostgreSQL, one on SQLite (its single writer runs
-// one transaction at a time anyway).
+// newStore returns a Store over its pools with DefaultSendLanes committers
+// (see newStoreLanes).
 func newStore(d *dialect, db, rdb *sqlx.DB) *Store {
+	return newStoreLanes(d, db, rdb, DefaultSendLanes)
+}
+
+// newStoreLanes returns a Store over its pools, with its committers running:
+// lanes of them on PostgreSQL, one on SQLite (its single writer runs one
+// transaction at a time anyway).
+func newStoreLanes(d *dialect, db, rdb *sqlx.DB, lanes int) *Store {
 	s := &Store{d: d, db: db, rdb: rdb}
-	n := SendLanes
 	if d.sqlite() {
-		n = 1
+		lanes = 1
 	}
-	s.lanes = make([]*committer, n)
+	s.lanes = make([]*committer, lanes)
 	for i := range s.lanes {
 		s.lanes[i] = newCommitter(s)
 	}
@@ -94,6 +99,19 @@ func (s *Store) lane(cid string) *committer {
 	return s.lanes[laneOf(cid, len(s.lanes))]
 }
 
+// Option configures Open.
+type Option func(*options)
+
+type options struct {
+	sendLanes int
+}
+
+// WithSendLanes makes a PostgreSQL store commit sends in n lanes instead of
+// DefaultSendLanes (see there for what more lanes cost); n must be 1 to
+// MaxSendLanes. SQLite ignores it: its single writer runs one transaction at
+// a time, so it always has one lane.
+func WithSendLanes(n int) Option { return func(o *options) { o.sendLanes = n } }
+
 // Open connects to databaseURL, checks that the database answers and
 // returns a Store. The URL selects the database:
 //
@@ -102,8 +120,16 @@ func (s *Store) lane(cid string) *committer {
 //   - sqlite:<path>, sqlite://<path> or file:<path>: the SQLite database
 //     file at path, created with its directory when missing (see openSQLite).
 //
-// An unreachable database is CodeUnavailable.
-func Open(ctx context.Context, databaseURL string) (*Store, error) {
+// An unreachable database is CodeUnavailable; an option out of range is an
+// error before anything is opened.
+func Open(ctx context.Context, databaseURL string, opts ...Option) (*Store, error) {
+	o := options{sendLanes: DefaultSendLanes}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if o.sendLanes < 1 || o.sendLanes > MaxSendLanes {
+		return nil, chat.Internal(fmt.Errorf("store: %d send lanes: must be 1 to %d", o.sendLanes, MaxSendLanes))
+	}
 	if path, ok := SQLitePath(databaseURL); ok {
 		return openSQLite(ctx, path, sqliteReaders())
 	}
@@ -122,7 +148,7 @@ func Open(ctx context.Context, databaseURL string) (*Store, error) {
 		_ = db.Close()
 		return nil, dbErr(err)
 	}
-	return newStore(postgresDialect, db, db), nil
+	return newStoreLanes(postgresDialect, db, db, o.sendLanes), nil
 }
 
 // withBinaryParameters turns on lib/pq's binary_parameters unless the URL
@@ -142,7 +168,8 @@ func withBinaryParameters(dsn string) string {
 	return dsn + " binary_parameters=yes"
 }
 
-// New wraps an existing pool (of the "postgres" driver).
+// New wraps an existing pool (of the "postgres" driver), with
+// DefaultSendLanes.
 func New(db *sqlx.DB) *Store { return newStore(postgresDialect, db, db) }
 
 // DB returns the pool that writes (on SQLite, the writer connection), for

@@ -76,6 +76,7 @@ type config struct {
 	streamWrite  time.Duration
 	tokenCache   time.Duration // how long a node trusts a token it has read; 0: no cache
 	eventBuffer  int           // per-stream buffer of ephemeral events (realtime.Config.EventBuffer)
+	sendLanes    int           // PostgreSQL group-commit lanes (store.WithSendLanes)
 }
 
 func parseConfig(cmd string, args []string, getenv func(string) string, stderr io.Writer) (config, error) {
@@ -114,6 +115,8 @@ func parseConfig(cmd string, args []string, getenv func(string) string, stderr i
 	num(&c.maxTextBytes, "max-text-bytes", "IMD_MAX_TEXT_BYTES", chat.DefaultMaxTextBytes, "largest message text in bytes")
 	num(&c.eventBuffer, "stream-event-buffer", "IMD_STREAM_EVENT_BUFFER", DefaultStreamEventBuffer,
 		"ephemeral events (typing, presence) that may wait for one stream before it is ended as too slow")
+	num(&c.sendLanes, "send-lanes", "IMD_SEND_LANES", store.DefaultSendLanes,
+		"PostgreSQL transactions committing sends at once; more overlap round trips but split batches, costing the database more per message (SQLite: always 1)")
 	num(&c.logCap, "log-cap", "IMD_LOG_CAP", realtime.DefaultLogCap, "events kept per user for resume")
 	str(&c.logLevel, "log-level", "IMD_LOG_LEVEL", "info", "debug, info, warn or error")
 	str(&c.pprofAddr, "pprof-addr", "IMD_PPROF_ADDR", "",
@@ -168,6 +171,8 @@ func parseConfig(cmd string, args []string, getenv func(string) string, stderr i
 		return c, errors.New("IMD_MAX_TEXT_BYTES must be positive")
 	case c.eventBuffer < 1:
 		return c, errors.New("IMD_STREAM_EVENT_BUFFER must be positive")
+	case c.sendLanes < 1 || c.sendLanes > store.MaxSendLanes:
+		return c, fmt.Errorf("IMD_SEND_LANES must be 1 to %d", store.MaxSendLanes)
 	case c.tokenCache < 0:
 		return c, errors.New("IMD_TOKEN_CACHE_TTL must not be negative (0 turns the cache off)")
 	}
@@ -196,6 +201,10 @@ func (c config) service() chat.Config {
 func (c config) http(spec []byte) handlers.Config {
 	return handlers.Config{AdminToken: c.adminToken, CookieSecure: c.cookieSecure, SpecYAML: spec,
 		Web: web.Files, CORSOrigins: c.corsOrigins, StreamWriteTimeout: c.streamWrite}
+}
+
+func (c config) store() []store.Option {
+	return []store.Option{store.WithSendLanes(c.sendLanes)}
 }
 
 func (c config) realtime() realtime.Config {

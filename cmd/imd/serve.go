@@ -63,7 +63,7 @@ func runWith(ctx context.Context, args []string, getenv func(string) string, std
 		}
 		defer release()
 	}
-	st, err := store.Open(ctx, cfg.databaseURL)
+	st, err := store.Open(ctx, cfg.databaseURL, cfg.store()...)
 	if err != nil {
 		return fmt.Errorf("database: %w", err)
 	}
