@@ -408,10 +408,10 @@ func (s *Service) GetUser(ctx context.Context, uid string) (User, error) {
 //   - on the node that revokes, at once: RevokeToken and Logout drop the
 //     entry after the store committed the revocation;
 //   - on the other nodes, as soon as the bus carries the news: the revoking
-//     node publishes the token id to the reserved bus address tokenBusUser
-//     (before it ends the token's streams), and every node's cache applies
-//     what arrived there before it answers any request from the cache. So a
-//     client that has seen its stream end is refused by every node;
+//     node broadcasts the token id to every node (Bus.Broadcast, before it
+//     ends the token's streams), and every node's cache applies what its
+//     Listen subscription received before it answers any request from the
+//     cache. So a client that has seen its stream end is refused by every node;
 //   - worst case, when that message is lost (Redis unreachable while
 //     revoking, or the Pub/Sub connection dropping while it is in flight):
 //     Config.TokenCacheTTL, DefaultTokenCacheTTL = 5 s. Every cached entry
@@ -419,7 +419,8 @@ func (s *Service) GetUser(ctx context.Context, uid string) (User, error) {
 //     revocation committed before then is seen by the next request. A
 //     Pub/Sub reconnect also empties the cache (the bus wakes every
 //     subscription after one, as whatever was published meanwhile is lost),
-//     and until the node is subscribed at all nothing is cached.
+//     as does a Listen subscription that fell behind, and until the node is
+//     listening at all nothing is cached.
 //
 // A read that raced with an invalidation is not cached (generation check),
 // so a slow read from before the commit cannot put a revoked token back.
@@ -430,11 +431,6 @@ func (s *Service) GetUser(ctx context.Context, uid string) (User, error) {
 // tokenCacheMax bounds the cache's memory (~300 bytes an entry): more live
 // tokens than one node serves at once.
 const tokenCacheMax = 100_000
-
-// tokenBusUser is the bus address revocations are published to. It cannot
-// be a user id (ids match usernameRE, which does not allow a leading '_'),
-// so no stream ever subscribes to it and no user event is published there.
-const tokenBusUser = "_tokens"
 
 // tokenDrainEvery is how often an idle node applies revocations from the
 // bus; requests apply them first anyway. It keeps the subscription's
@@ -451,8 +447,9 @@ type cachedToken struct {
 type tokenCache struct {
 	ttl time.Duration // <= 0: nothing is cached
 
-	// watch is the live subscription to tokenBusUser, nil while there is
-	// none: then nothing is cached, and every request reads the store.
+	// watch is the live subscription to the node-level events (Bus.Listen),
+	// nil while there is none: then nothing is cached, and every request
+	// reads the store.
 	watch atomic.Pointer[tokenWatch]
 
 	mu      sync.RWMutex
@@ -462,7 +459,7 @@ type tokenCache struct {
 }
 
 type tokenWatch struct {
-	sub    Subscription
+	sub    NodeSubscription
 	events <-chan StreamEvent
 }
 
@@ -497,7 +494,7 @@ func (c *tokenCache) begin() (uint64, time.Time) {
 }
 
 // put caches e unless an invalidation happened since begin returned gen
-// (the read may predate a revocation) or the node is not subscribed.
+// (the read may predate a revocation) or the node is not listening.
 func (c *tokenCache) put(hash [32]byte, e *cachedToken, gen uint64) {
 	if c.watch.Load() == nil {
 		return
@@ -596,22 +593,22 @@ func (c *tokenCache) drain(w *tokenWatch) bool {
 func (s *Service) revoked(ctx context.Context, tokenID string) {
 	s.tokens.invalidate(tokenID)
 	ev := StreamEvent{Type: eventEndToken, Data: json.RawMessage(quote(tokenID))}
-	if err := s.rt.Publish(ctx, []string{tokenBusUser}, ev); err != nil {
-		s.log.Warn("publish token revocation", "err", err)
+	if err := s.rt.Broadcast(ctx, ev); err != nil {
+		s.log.Warn("broadcast token revocation", "err", err)
 	}
 }
 
-// watchRevocations keeps the node subscribed to tokenBusUser until ctx
-// ends; the cache is in use only while it is.
+// watchRevocations keeps the node listening to the node-level events until
+// ctx ends; the cache is in use only while it is.
 func (s *Service) watchRevocations(ctx context.Context) {
 	if s.tokens.ttl <= 0 {
 		return
 	}
 	backoff := tokenDrainEvery
 	for ctx.Err() == nil {
-		sub, err := s.rt.Subscribe(ctx, tokenBusUser)
+		sub, err := s.rt.Listen(ctx)
 		if err != nil {
-			s.log.Warn("token cache: subscribe to revocations", "err", err)
+			s.log.Warn("token cache: listen for revocations", "err", err)
 			t := time.NewTimer(backoff)
 			select {
 			case <-ctx.Done():
@@ -629,7 +626,7 @@ func (s *Service) watchRevocations(ctx context.Context) {
 
 // followRevocations serves one subscription until ctx ends or it loses
 // events.
-func (s *Service) followRevocations(ctx context.Context, sub Subscription) {
+func (s *Service) followRevocations(ctx context.Context, sub NodeSubscription) {
 	c := s.tokens
 	w := &tokenWatch{sub: sub, events: sub.Events()}
 	c.flush() // nothing is cached before this, but be plain about it

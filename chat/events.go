@@ -29,6 +29,16 @@ const (
 	EventResync              EventType = "resync"
 )
 
+// Droppable reports whether an event of type t may be dropped when the
+// buffer of the subscription it is for is full, rather than ending that
+// subscription (Subscription.Events). Typing and presence are advisory and
+// superseded by the next one (and GET /v1/presence repairs presence), so a
+// burst of them, after a node restart say, must not disconnect a healthy
+// stream. Every other type is a control event that must never be lost
+// silently: the token-end event is what ends a revoked token's streams.
+// This is the one place that decides; every Bus implementation asks it.
+func (t EventType) Droppable() bool { return t == EventTyping || t == EventPresence }
+
 // OutboxEvent is a durable event as committed in the same transaction as the
 // change that caused it. The dispatcher turns it into log entries for its
 // recipients and deletes it; until then any node's sweeper may retry it, so

@@ -191,17 +191,38 @@ type Subscription interface {
 	// hole (or carried nothing, or some were lost), and the log must be read.
 	// An implementation may always say false.
 	Since(pos Position) (evs []StreamEvent, next Position, ok bool)
-	// Events carries ephemeral events and control events; bounded, and
-	// closed with Err set when the subscriber fell too far behind.
+	// Events carries ephemeral events and control events, in order, and is
+	// bounded. An event that does not fit is dropped if its type is
+	// Droppable (typing, presence); any other is never dropped silently:
+	// Events is closed instead, with Err set, and the stream ends and
+	// resumes from its log.
 	Events() <-chan StreamEvent
 	Close()
 }
 
-// Bus routes wake-ups and ephemeral events to whichever nodes hold a user's streams.
+// NodeSubscription receives the node-level events of every node (Broadcast).
+type NodeSubscription interface {
+	// Wake has a value when events may have been missed (e.g. after a
+	// Pub/Sub reconnect): whatever depends on seeing all of them must start over.
+	Wake() <-chan struct{}
+	// Events carries the broadcast events, bounded as Subscription.Events
+	// is and closed the same way when a non-droppable one does not fit.
+	Events() <-chan StreamEvent
+	Close()
+}
+
+// Bus routes wake-ups and ephemeral events to whichever nodes hold a user's
+// streams, and node-level events to every node.
 type Bus interface {
 	Subscribe(ctx context.Context, uid string) (Subscription, error)
 	// Publish sends an ephemeral event to the live streams of uids, best effort.
 	Publish(ctx context.Context, uids []string, ev StreamEvent) error
+	// Broadcast sends a node-level event to the Listen-ers of every node,
+	// this one included, never to streams; best effort.
+	Broadcast(ctx context.Context, ev StreamEvent) error
+	// Listen receives the node-level events of every node until Close; as
+	// with Subscribe, what is broadcast after it returns reaches it.
+	Listen(ctx context.Context) (NodeSubscription, error)
 }
 
 // Presence tracks live streams per user across nodes; entries expire so a

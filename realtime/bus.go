@@ -40,7 +40,8 @@ const (
 )
 
 // ErrSlowSubscriber is the Err of a subscription whose Events channel was
-// closed because its buffer was full: the stream should end, and the client
+// closed because its buffer was full when a control event (one that is not
+// chat.EventType.Droppable) arrived: the stream should end, and the client
 // resumes from its log.
 var ErrSlowSubscriber = errors.New("realtime: subscriber too slow, events dropped")
 
@@ -92,7 +93,8 @@ func newBus(r *Redis, health time.Duration) *bus {
 	return b
 }
 
-// subscription is one stream's view of its user's channel.
+// subscription is one stream's view of its user's channel, or a
+// Listen-er's view of the node channel.
 type subscription struct {
 	b       *bus
 	channel string
@@ -201,13 +203,51 @@ func (s *subscription) closeEvents(err error) {
 // With Redis down it still returns a working subscription: the receiver
 // subscribes it when Redis is back and then wakes it.
 func (r *Redis) Subscribe(ctx context.Context, uid string) (chat.Subscription, error) {
+	s, err := r.subscribe(ctx, r.userChannel(uid))
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// nodeChannel is the Pub/Sub channel <prefix>node that carries node-level
+// events (Broadcast) to every node. It is not a user:{uid} channel, so no
+// Publish reaches it and no stream hears it.
+func (r *Redis) nodeChannel() string { return r.cfg.Prefix + "node" }
+
+// Listen implements chat.Bus: a subscription to the node channel, on the
+// node's one PubSub connection like every user channel, with the same
+// acknowledgement wait, wake-up after a reconnect and overflow rules.
+func (r *Redis) Listen(ctx context.Context) (chat.NodeSubscription, error) {
+	s, err := r.subscribe(ctx, r.nodeChannel())
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Broadcast implements chat.Bus: the event goes, as JSON, to the node
+// channel. Nothing is stored: a node that misses it, misses it.
+func (r *Redis) Broadcast(ctx context.Context, ev chat.StreamEvent) error {
+	payload, err := eventPayload(ev)
+	if err == nil {
+		err = r.rdb.Publish(ctx, r.nodeChannel(), payload).Err()
+	}
+	if err != nil {
+		return fmt.Errorf("realtime: broadcast: %w", err)
+	}
+	return nil
+}
+
+// subscribe registers a local subscription to channel (Subscribe, Listen).
+func (r *Redis) subscribe(ctx context.Context, channel string) (*subscription, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
 	b := r.bus
 	s := &subscription{
 		b:       b,
-		channel: r.userChannel(uid),
+		channel: channel,
 		wake:    make(chan struct{}, 1),
 		events:  make(chan chat.StreamEvent, r.cfg.EventBuffer),
 	}
@@ -308,10 +348,7 @@ func (r *Redis) Publish(ctx context.Context, uids []string, ev chat.StreamEvent)
 	if len(uids) == 0 {
 		return nil
 	}
-	if len(ev.Data) == 0 {
-		ev.Data = json.RawMessage("null")
-	}
-	payload, err := json.Marshal(ev)
+	payload, err := eventPayload(ev)
 	if err != nil {
 		return fmt.Errorf("realtime: publish: %w", err)
 	}
@@ -323,6 +360,14 @@ func (r *Redis) Publish(ctx context.Context, uids []string, ev chat.StreamEvent)
 		return fmt.Errorf("realtime: publish: %w", err)
 	}
 	return nil
+}
+
+// eventPayload is ev as a message on a channel: JSON, Data "null" when empty.
+func eventPayload(ev chat.StreamEvent) ([]byte, error) {
+	if len(ev.Data) == 0 {
+		ev.Data = json.RawMessage("null")
+	}
+	return json.Marshal(ev)
 }
 
 // receive is the node's one reader of the PubSub connection. After any
@@ -461,12 +506,22 @@ func (b *bus) dispatch(m *redis.Message) {
 			}
 			continue
 		}
-		if s.eventsClosed {
-			continue
-		}
-		select {
-		case s.events <- ev:
-		default:
+		s.deliver(ev)
+	}
+}
+
+// deliver hands an event to s's Events; b.mu must be held. An event that
+// does not fit is dropped if it is droppable (typing, presence), and
+// otherwise ends Events with ErrSlowSubscriber: a control event is never
+// lost silently.
+func (s *subscription) deliver(ev chat.StreamEvent) {
+	if s.eventsClosed {
+		return
+	}
+	select {
+	case s.events <- ev:
+	default:
+		if !ev.Type.Droppable() {
 			s.closeEvents(ErrSlowSubscriber)
 		}
 	}

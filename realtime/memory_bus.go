@@ -9,18 +9,26 @@ import (
 	"imd/chat"
 )
 
-// memSubSet is a user's local subscriptions, guarded by its shard's mutex.
+// memSubSet is the local subscriptions of one key of m.subs, guarded by its
+// shard's mutex. The keys are named as the Redis adapter's channels are
+// (userKey, nodeKey), so a user's key can never be the node's.
 type memSubSet map[*memSub]struct{}
+
+// userKey is the key of uid's subscriptions in m.subs.
+func userKey(uid string) string { return "user:" + uid }
+
+// nodeKey is the key of the Listen-ers in m.subs.
+const nodeKey = "node"
 
 // memSub is the in-memory subscription: the same channels and rules as the
 // Redis adapter's subscription (bus.go), minus the Pub/Sub connection.
 type memSub struct {
 	m      *Memory
-	uid    string
+	key    string // userKey(uid), or nodeKey for a Listen-er
 	wake   chan struct{}
 	events chan chat.StreamEvent
 
-	// guarded by the mutex of uid's shard in m.subs
+	// guarded by the mutex of key's shard in m.subs
 	closed       bool
 	eventsClosed bool
 	err          error
@@ -38,7 +46,7 @@ func (s *memSub) Events() <-chan chat.StreamEvent { return s.events }
 // Err says why Events was closed: ErrSlowSubscriber, ErrClosed, or nil (the
 // subscription was closed by its owner, or Events is still open).
 func (s *memSub) Err() error {
-	sh := s.m.subs.of(s.uid)
+	sh := s.m.subs.of(s.key)
 	sh.mu.RLock()
 	defer sh.mu.RUnlock()
 	return s.err
@@ -46,7 +54,7 @@ func (s *memSub) Err() error {
 
 // Close ends the subscription and closes its Events channel. Idempotent.
 func (s *memSub) Close() {
-	sh := s.m.subs.of(s.uid)
+	sh := s.m.subs.of(s.key)
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	if s.closed {
@@ -54,10 +62,10 @@ func (s *memSub) Close() {
 	}
 	s.closed = true
 	s.closeEvents(nil)
-	if set := sh.m[s.uid]; set != nil {
+	if set := sh.m[s.key]; set != nil {
 		delete(set, s)
 		if len(set) == 0 {
-			delete(sh.m, s.uid)
+			delete(sh.m, s.key)
 		}
 	}
 }
@@ -72,19 +80,53 @@ func (s *memSub) closeEvents(err error) {
 	close(s.events)
 }
 
+// deliver hands an event to s's Events; the shard's mutex must be held. An
+// event that does not fit is dropped if it is droppable (typing, presence),
+// and otherwise ends Events with ErrSlowSubscriber, as in the Redis adapter.
+func (s *memSub) deliver(ev chat.StreamEvent) {
+	if s.eventsClosed {
+		return
+	}
+	select {
+	case s.events <- ev:
+	default:
+		if !ev.Type.Droppable() {
+			s.closeEvents(ErrSlowSubscriber)
+		}
+	}
+}
+
 // Subscribe implements chat.Bus. Registration is immediate, so anything
 // appended or published after Subscribe returns reaches the subscription.
 func (m *Memory) Subscribe(ctx context.Context, uid string) (chat.Subscription, error) {
+	s, err := m.subscribe(ctx, userKey(uid))
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Listen implements chat.Bus: a subscription to what Broadcast sends. With
+// one node and no connection to lose, it is never woken.
+func (m *Memory) Listen(ctx context.Context) (chat.NodeSubscription, error) {
+	s, err := m.subscribe(ctx, nodeKey)
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+func (m *Memory) subscribe(ctx context.Context, key string) (*memSub, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
 	s := &memSub{
 		m:      m,
-		uid:    uid,
+		key:    key,
 		wake:   make(chan struct{}, 1),
 		events: make(chan chat.StreamEvent, m.cfg.EventBuffer),
 	}
-	sh := m.subs.of(uid)
+	sh := m.subs.of(key)
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
 	// Checked under the shard lock: Close sets closed before it sweeps the
@@ -92,10 +134,10 @@ func (m *Memory) Subscribe(ctx context.Context, uid string) (chat.Subscription, 
 	if m.closed.Load() {
 		return nil, ErrClosed
 	}
-	set := sh.m[uid]
+	set := sh.m[key]
 	if set == nil {
 		set = make(memSubSet)
-		sh.m[uid] = set
+		sh.m[key] = set
 	}
 	set[s] = struct{}{}
 	return s, nil
@@ -104,10 +146,11 @@ func (m *Memory) Subscribe(ctx context.Context, uid string) (chat.Subscription, 
 // wake signals uid's subscriptions that the log grew; pending wake-ups
 // coalesce.
 func (m *Memory) wake(uid string) {
-	sh := m.subs.of(uid)
+	key := userKey(uid)
+	sh := m.subs.of(key)
 	sh.mu.RLock() // only the wake channels are touched, and they are never closed
 	defer sh.mu.RUnlock()
-	for s := range sh.m[uid] {
+	for s := range sh.m[key] {
 		select {
 		case s.wake <- struct{}{}:
 		default:
@@ -118,40 +161,60 @@ func (m *Memory) wake(uid string) {
 // Publish implements chat.Bus: the event goes to uid's local subscriptions
 // at once. Like the Redis adapter it carries Data as JSON ("null" when
 // empty; invalid JSON is an error) and hands out a compacted copy, so the
-// caller may reuse its buffer. A subscription whose buffer is full has its
-// Events closed (ErrSlowSubscriber) and gets nothing more.
+// caller may reuse its buffer. An event that does not fit in a
+// subscription's buffer is dropped if droppable, and otherwise closes its
+// Events (ErrSlowSubscriber), after which it gets nothing more.
 func (m *Memory) Publish(ctx context.Context, uids []string, ev chat.StreamEvent) error {
 	if len(uids) == 0 {
 		return nil
 	}
-	if err := m.check(ctx); err != nil {
+	ev, err := m.eventCopy(ctx, ev)
+	if err != nil {
 		return fmt.Errorf("realtime: publish: %w", err)
+	}
+	for _, uid := range uids {
+		m.deliver(userKey(uid), ev)
+	}
+	return nil
+}
+
+// Broadcast implements chat.Bus: the event goes to the Listen-ers at once,
+// as Publish's go to a user's subscriptions.
+func (m *Memory) Broadcast(ctx context.Context, ev chat.StreamEvent) error {
+	ev, err := m.eventCopy(ctx, ev)
+	if err != nil {
+		return fmt.Errorf("realtime: broadcast: %w", err)
+	}
+	m.deliver(nodeKey, ev)
+	return nil
+}
+
+// eventCopy is ev as it would come back from Redis: Data compacted into a
+// buffer of its own, "null" when empty.
+func (m *Memory) eventCopy(ctx context.Context, ev chat.StreamEvent) (chat.StreamEvent, error) {
+	if err := m.check(ctx); err != nil {
+		return ev, err
 	}
 	if len(ev.Data) == 0 {
 		ev.Data = json.RawMessage("null")
-	} else {
-		var buf bytes.Buffer
-		if err := json.Compact(&buf, ev.Data); err != nil {
-			return fmt.Errorf("realtime: publish: %w", err)
-		}
-		ev.Data = buf.Bytes()
+		return ev, nil
 	}
-	for _, uid := range uids {
-		sh := m.subs.of(uid)
-		sh.mu.Lock()
-		for s := range sh.m[uid] {
-			if s.eventsClosed {
-				continue
-			}
-			select {
-			case s.events <- ev:
-			default:
-				s.closeEvents(ErrSlowSubscriber)
-			}
-		}
-		sh.mu.Unlock()
+	var buf bytes.Buffer
+	if err := json.Compact(&buf, ev.Data); err != nil {
+		return ev, err
 	}
-	return nil
+	ev.Data = buf.Bytes()
+	return ev, nil
+}
+
+// deliver hands ev to the subscriptions of key.
+func (m *Memory) deliver(key string, ev chat.StreamEvent) {
+	sh := m.subs.of(key)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	for s := range sh.m[key] {
+		s.deliver(ev)
+	}
 }
 
 // closeSubscriptions ends every subscription's Events with ErrClosed.

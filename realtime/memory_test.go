@@ -454,7 +454,8 @@ func TestMemoryConcurrency(t *testing.T) {
 }
 
 // Close ends every subscription with ErrClosed and every later call fails;
-// a slow subscriber's Err says why its Events closed.
+// a slow subscriber's Err says why its Events closed (a control event did
+// not fit: typing that does not fit is dropped instead).
 func TestMemoryClose(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
@@ -463,11 +464,16 @@ func TestMemoryClose(t *testing.T) {
 	require.NoError(t, err)
 	open, err := m.Subscribe(ctx, "bob")
 	require.NoError(t, err)
+	node, err := m.Listen(ctx)
+	require.NoError(t, err)
 	for range 2 {
 		require.NoError(t, m.Publish(ctx, []string{"alice"}, chat.StreamEvent{Type: chat.EventTyping}))
 	}
+	require.NoError(t, slow.(*memSub).Err(), "typing beyond the buffer is dropped")
+	require.NoError(t, m.Publish(ctx, []string{"alice"}, chat.StreamEvent{Type: "_control"}))
 	ev, ok := <-slow.Events()
 	require.True(t, ok)
+	require.Equal(t, chat.EventTyping, ev.Type)
 	require.JSONEq(t, "null", string(ev.Data), "empty data travels as null")
 	_, ok = <-slow.Events()
 	require.False(t, ok)
@@ -480,10 +486,17 @@ func TestMemoryClose(t *testing.T) {
 	_, ok = <-open.Events()
 	require.False(t, ok)
 	require.ErrorIs(t, open.(*memSub).Err(), ErrClosed)
+	_, ok = <-node.Events()
+	require.False(t, ok)
+	require.ErrorIs(t, node.(*memSub).Err(), ErrClosed)
+	node.Close()
 	open.Close()
 	slow.Close()
 	_, err = m.Subscribe(ctx, "alice")
 	require.ErrorIs(t, err, ErrClosed)
+	_, err = m.Listen(ctx)
+	require.ErrorIs(t, err, ErrClosed)
+	require.ErrorIs(t, m.Broadcast(ctx, chat.StreamEvent{Type: "_control"}), ErrClosed)
 	require.ErrorIs(t, m.Ping(ctx), ErrClosed)
 	_, err = m.Append(ctx, []chat.Delivery{memDelivery("alice", "o1")})
 	require.ErrorIs(t, err, ErrClosed)

@@ -13,7 +13,9 @@
 //     seq order, numbers entries with an offset inside an epoch, trims, and
 //     publishes a wake-up;
 //   - the Pub/Sub routing (channel user:{uid}) that wakes whichever nodes hold a
-//     user's streams and carries ephemeral events (typing, presence);
+//     user's streams and carries ephemeral events (typing, presence), and the
+//     channel node that carries node-level events to every node (Broadcast,
+//     Listen: token revocations);
 //   - presence, the member-set cache, the conversation-list cache and the
 //     shared rate limits.
 //
@@ -57,9 +59,10 @@ const (
 	// which costs far less than keeping every dormant user's log in memory.
 	DefaultLogTTL = 7 * 24 * time.Hour
 	// DefaultEventBuffer is how many ephemeral and control events may wait for
-	// one stream. A stream that falls further behind than that is closed and
-	// resumes from its log (ephemeral events are droppable by definition), so
-	// one slow client never makes the node buffer without bound.
+	// one stream, so one slow client never makes the node buffer without
+	// bound. Typing and presence past it are dropped (chat.EventType.Droppable);
+	// a control event past it closes the subscription, and the stream resumes
+	// from its log.
 	DefaultEventBuffer = 64
 )
 

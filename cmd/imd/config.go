@@ -42,8 +42,9 @@ const (
 	// so only in-flight requests remain.
 	DefaultShutdownGrace = 10 * time.Second
 	// DefaultStreamEventBuffer is how many ephemeral and control events
-	// (typing, presence, token revocation) may wait for one stream; a stream
-	// further behind is ended and resumes from its log. Not realtime's 64:
+	// (typing, presence, token revocation) may wait for one stream; typing
+	// and presence past it are dropped, a control event past it ends the
+	// stream, which resumes from its log. Not realtime's 64:
 	// the buffer is allocated per open stream whether or not anything
 	// arrives (64 events are 4 KiB, 16 are 1 KiB, docs/performance.md
 	// "idle"), and the stream's goroutine empties it between two writes, so

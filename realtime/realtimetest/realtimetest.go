@@ -71,6 +71,9 @@ func Run(t *testing.T, h Harness) {
 		{"Bus/OtherNode", testOtherNode},
 		{"Bus/Close", testBusClose},
 		{"Bus/SlowSubscriber", testSlowSubscriber},
+		{"Bus/DroppableOverflow", testDroppableOverflow},
+		{"Bus/Broadcast", testBroadcast},
+		{"Bus/ListenClose", testListenClose},
 		{"Presence/ConnectDisconnect", testPresence},
 		{"Presence/Expiry", testPresenceExpiry},
 		{"MemberCache", testMemberCache},
@@ -491,7 +494,12 @@ func recvWake(t *testing.T, s chat.Subscription, what string) {
 	}
 }
 
-func recvEvent(t *testing.T, s chat.Subscription, what string) chat.StreamEvent {
+// eventSource is a chat.Subscription or a chat.NodeSubscription.
+type eventSource interface {
+	Events() <-chan chat.StreamEvent
+}
+
+func recvEvent(t *testing.T, s eventSource, what string) chat.StreamEvent {
 	t.Helper()
 	select {
 	case ev, ok := <-s.Events():
@@ -518,9 +526,53 @@ func subscribe(t *testing.T, rt chat.Realtime, uid string) chat.Subscription {
 	return s
 }
 
+func listen(t *testing.T, rt chat.Realtime) chat.NodeSubscription {
+	t.Helper()
+	s, err := rt.Listen(ctxFor(t))
+	require.NoError(t, err)
+	t.Cleanup(s.Close)
+	return s
+}
+
 func typing(uid string) chat.StreamEvent {
 	return chat.StreamEvent{Type: chat.EventTyping, Data: json.RawMessage(
 		fmt.Sprintf(`{"conversation_id":"c1","user_id":%q,"expires_in_ms":5000}`, uid))}
+}
+
+// typingN is typing event n, told apart by its data.
+func typingN(n int) chat.StreamEvent {
+	return chat.StreamEvent{Type: chat.EventTyping, Data: json.RawMessage(
+		fmt.Sprintf(`{"conversation_id":"c1","user_id":"bob","expires_in_ms":%d}`, n))}
+}
+
+// controlType stands for the control events (a revoked token's end, say):
+// any type but typing and presence, which must never be dropped silently.
+const controlType chat.EventType = "_test_control"
+
+func control(n int) chat.StreamEvent {
+	return chat.StreamEvent{Type: controlType, Data: json.RawMessage(fmt.Sprintf(`{"n":%d}`, n))}
+}
+
+// noEvent fails if s holds an event or its Events is closed.
+func noEvent(t *testing.T, s eventSource, what string) {
+	t.Helper()
+	select {
+	case ev, ok := <-s.Events():
+		if !ok {
+			t.Fatalf("Events closed: %s", what)
+		}
+		t.Fatalf("unexpected event %s %s: %s", ev.Type, ev.Data, what)
+	default:
+	}
+}
+
+// errOf is the Err of an implementation's subscription that has one.
+func errOf(s any) (error, bool) {
+	e, ok := s.(interface{ Err() error })
+	if !ok {
+		return nil, false
+	}
+	return e.Err(), true
 }
 
 func testAppendWakes(t *testing.T, h Harness) {
@@ -602,8 +654,9 @@ func testSlowSubscriber(t *testing.T, h Harness) {
 	// Each event reaches every subscription before the next one does, but in
 	// no set order among subscriptions: once fast has seen EventBuffer+2
 	// events, event EventBuffer+1 has reached slow too, and slow overflowed.
+	require.False(t, controlType.Droppable())
 	for i := 0; i <= h.EventBuffer+1; i++ {
-		ev := chat.StreamEvent{Type: chat.EventPresence, Data: json.RawMessage(fmt.Sprintf(`{"n":%d}`, i))}
+		ev := control(i)
 		require.NoError(t, rt.Publish(ctxFor(t), []string{"alice"}, ev))
 		got := recvEvent(t, fast, "a subscriber that keeps up")
 		require.JSONEq(t, string(ev.Data), string(got.Data), "in order")
@@ -615,6 +668,9 @@ func testSlowSubscriber(t *testing.T, h Harness) {
 		case _, ok := <-slow.Events():
 			if !ok {
 				require.LessOrEqual(t, n, h.EventBuffer)
+				if err, ok := errOf(slow); ok {
+					require.Error(t, err, "why Events closed")
+				}
 				// A slow subscriber does not hold up the others.
 				require.NoError(t, rt.Publish(ctxFor(t), []string{"alice"}, typing("bob")))
 				recvEvent(t, fast, "after the slow one was dropped")
@@ -623,6 +679,159 @@ func testSlowSubscriber(t *testing.T, h Harness) {
 			n++
 		case <-deadline:
 			t.Fatalf("the Events of a subscriber %d events behind were not closed", h.EventBuffer+1)
+		}
+	}
+}
+
+// Typing and presence that do not fit in a subscription's buffer are
+// dropped, and the subscription stays open: a burst of them must not end a
+// healthy stream. A control event that does not fit still ends it, even
+// when the buffer is full of droppable ones.
+func testDroppableOverflow(t *testing.T, h Harness) {
+	require.True(t, chat.EventTyping.Droppable())
+	require.True(t, chat.EventPresence.Droppable())
+	rt := h.New(t)
+	ctx := ctxFor(t)
+	slow := subscribe(t, rt, "alice")
+	fast := subscribe(t, rt, "alice")
+	// As in testSlowSubscriber, fast having seen event i means slow was
+	// offered it too.
+	const extra = 3
+	for i := range h.EventBuffer + extra {
+		ev := typingN(i)
+		if i%2 == 1 {
+			ev = chat.StreamEvent{Type: chat.EventPresence, Data: json.RawMessage(fmt.Sprintf(`{"n":%d}`, i))}
+		}
+		require.NoError(t, rt.Publish(ctx, []string{"alice"}, ev))
+		got := recvEvent(t, fast, "a subscriber that keeps up")
+		require.JSONEq(t, string(ev.Data), string(got.Data))
+	}
+	// slow holds the first EventBuffer, in order; the rest were dropped.
+	for i := range h.EventBuffer {
+		got := recvEvent(t, slow, fmt.Sprintf("buffered event %d of a full subscription", i))
+		want := typingN(i).Data
+		if i%2 == 1 {
+			want = json.RawMessage(fmt.Sprintf(`{"n":%d}`, i))
+		}
+		require.JSONEq(t, string(want), string(got.Data), "event %d", i)
+	}
+	noEvent(t, slow, "the events beyond the buffer were dropped")
+	if err, ok := errOf(slow); ok {
+		require.NoError(t, err, "dropping ephemeral events does not end the subscription")
+	}
+	// Still open: later events arrive.
+	require.NoError(t, rt.Publish(ctx, []string{"alice"}, typingN(1000)))
+	got := recvEvent(t, slow, "an event after the dropped ones")
+	require.JSONEq(t, string(typingN(1000).Data), string(got.Data))
+	recvEvent(t, fast, "the same event")
+
+	// Full of droppable events, then a control event: the subscription ends.
+	for i := range h.EventBuffer {
+		require.NoError(t, rt.Publish(ctx, []string{"alice"}, typingN(2000+i)))
+		recvEvent(t, fast, "refill")
+	}
+	require.NoError(t, rt.Publish(ctx, []string{"alice"}, control(1)))
+	require.Equal(t, controlType, recvEvent(t, fast, "the control event").Type)
+	for i := range h.EventBuffer {
+		recvEvent(t, slow, fmt.Sprintf("buffered event %d", i))
+	}
+	select {
+	case ev, ok := <-slow.Events():
+		require.False(t, ok, "a control event that did not fit was dropped; got %s %s", ev.Type, ev.Data)
+	case <-time.After(wait):
+		t.Fatal("the Events of a subscriber that could not take a control event were not closed")
+	}
+	if err, ok := errOf(slow); ok {
+		require.Error(t, err, "why Events closed")
+	}
+}
+
+// Broadcast reaches the Listen-ers of every node, this one included, and
+// no stream; Publish reaches streams and no Listen-er.
+func testBroadcast(t *testing.T, h Harness) {
+	rt := h.New(t)
+	peer := h.NewPeer(t, rt)
+	ctx := ctxFor(t)
+	here := listen(t, rt)
+	there := listen(t, peer)
+	streamHere := subscribe(t, rt, "alice")
+	streamThere := subscribe(t, peer, "alice")
+	listeners := []chat.NodeSubscription{here, there}
+	streams := []chat.Subscription{streamHere, streamThere}
+
+	require.NoError(t, rt.Broadcast(ctx, control(1)))
+	for _, l := range listeners {
+		ev := recvEvent(t, l, "a broadcast")
+		require.Equal(t, controlType, ev.Type)
+		require.Empty(t, ev.ID)
+		require.JSONEq(t, `{"n":1}`, string(ev.Data))
+	}
+	// Publish to the user (and to names a careless implementation might
+	// share with the node channel): streams get it, Listen-ers do not.
+	require.NoError(t, peer.Publish(ctx, []string{"alice", "node", "_tokens"}, typing("bob")))
+	for _, s := range streams {
+		// The broadcast went first: had it reached a stream, it would be here.
+		ev := recvEvent(t, s, "a publish after the broadcast")
+		require.Equal(t, chat.EventTyping, ev.Type, "a broadcast reached a stream: %s", ev.Data)
+	}
+	require.NoError(t, peer.Broadcast(ctx, control(2)))
+	for _, l := range listeners {
+		ev := recvEvent(t, l, "a broadcast after the publish")
+		require.JSONEq(t, `{"n":2}`, string(ev.Data), "the publish reached a Listen-er: %s %s", ev.Type, ev.Data)
+	}
+	// Broadcasts carry data as JSON, "null" when empty, like Publish.
+	require.NoError(t, rt.Broadcast(ctx, chat.StreamEvent{Type: controlType}))
+	for _, l := range listeners {
+		require.JSONEq(t, "null", string(recvEvent(t, l, "an empty broadcast").Data))
+	}
+	for _, s := range streams {
+		noEvent(t, s, "broadcasts do not reach streams")
+	}
+	// Broadcasts are not in any log.
+	head, err := rt.Head(ctx, "alice")
+	require.NoError(t, err)
+	require.Zero(t, head.Offset)
+}
+
+// A closed Listen-er gets nothing more; the others do, and a node can listen
+// again after its last one closed. Its buffer overflows as a stream's does.
+func testListenClose(t *testing.T, h Harness) {
+	rt := h.New(t)
+	ctx := ctxFor(t)
+	closed := listen(t, rt)
+	open := listen(t, rt)
+	closed.Close()
+	closed.Close() // idempotent
+	require.NoError(t, rt.Broadcast(ctx, control(1)))
+	recvEvent(t, open, "the other Listen-er still receives")
+	select {
+	case ev, ok := <-closed.Events():
+		require.False(t, ok, "a closed Listen-er got %v", ev)
+	default:
+	}
+
+	open.Close()
+	again := listen(t, rt)
+	require.NoError(t, rt.Broadcast(ctx, control(2)))
+	require.JSONEq(t, `{"n":2}`, string(recvEvent(t, again, "a new Listen-er after all closed").Data))
+
+	// A Listen-er that cannot take a control event is closed, never skips
+	// it (fast having seen event i means again was offered it too).
+	fast := listen(t, rt)
+	for i := 0; i <= h.EventBuffer; i++ {
+		require.NoError(t, rt.Broadcast(ctx, control(10+i)))
+		recvEvent(t, fast, "a Listen-er that keeps up")
+	}
+	deadline := time.After(wait)
+	for n := 0; ; n++ {
+		select {
+		case _, ok := <-again.Events():
+			if !ok {
+				require.LessOrEqual(t, n, h.EventBuffer)
+				return
+			}
+		case <-deadline:
+			t.Fatalf("the Events of a Listen-er %d events behind were not closed", h.EventBuffer+1)
 		}
 	}
 }
