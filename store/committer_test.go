@@ -828,3 +828,46 @@ func TestSendCommittedInSeqOrder(t *testing.T) {
 	}
 	require.Equal(t, int64(workers*each), next["g0"]+next["g1"])
 }
+
+// A direct conversation's message events reach the dispatcher with the pair
+// as To (its members never change, so dispatch need not look them up); a
+// group's go to all members (To empty). The outbox rows keep recipients
+// empty either way, so the sweeper's re-dispatch looks the members up.
+func TestSendDirectEventsCarryThePair(t *testing.T) {
+	bothDialects(t, func(t *testing.T, s *Store) {
+		ctx := batchCtx(t)
+		setupUsers(t, ctx, s, "ann", "bob", "cat")
+		setupGroupOf(t, ctx, s, "g1", "ann", "bob", "cat")
+		d, _, _, err := s.DirectConversation(ctx, "bob", "ann", "d1", chat.Now())
+		require.NoError(t, err)
+		var mu sync.Mutex
+		to := map[string][]string{}
+		s.OnSendCommitted(func(evs []chat.OutboxEvent) {
+			mu.Lock()
+			defer mu.Unlock()
+			for _, e := range evs {
+				to[e.ConversationID] = e.To
+			}
+		})
+		for i, cid := range []string{d.ID, "g1"} {
+			_, created, _, err := s.Send(ctx, chat.NewMessage{ID: fmt.Sprint("m", i), ConversationID: cid,
+				SenderID: "ann", Text: "hi", CreatedAt: chat.Now()})
+			require.NoError(t, err)
+			require.True(t, created)
+		}
+		mu.Lock()
+		require.Equal(t, map[string][]string{d.ID: {"ann", "bob"}, "g1": nil}, to)
+		mu.Unlock()
+
+		evs, err := s.ClaimEvents(ctx, time.Now().Add(time.Hour), time.Hour, 100)
+		require.NoError(t, err)
+		n := 0
+		for _, e := range evs {
+			if e.Type == chat.EventMessageCreated {
+				n++
+				require.Empty(t, e.To, "%s: the stored row leaves the recipients to the members", e.ConversationID)
+			}
+		}
+		require.Equal(t, 2, n)
+	})
+}

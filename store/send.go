@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -23,9 +24,25 @@ import (
 // parameters a row was most of what a batch cost PostgreSQL.
 
 // lockSQL locks the batch's conversations ($1, the ids) in id order and reads
-// their last seqs.
+// their last seqs and, for direct conversations, the pair (directTo).
 func (d *dialect) lockSQL() string {
-	return `SELECT id, last_seq FROM conversations WHERE id ` + d.inTexts(1) + ` ORDER BY id` + d.forUpdate
+	return `SELECT id, last_seq, direct_key FROM conversations WHERE id ` + d.inTexts(1) + ` ORDER BY id` + d.forUpdate
+}
+
+// directTo is who a direct conversation's events go to: the pair of its
+// direct_key (the two user ids, sorted, joined by a space). Its members
+// never change (a direct conversation cannot be left or changed), so the
+// events a batch hands to the dispatcher carry them as To and dispatch
+// looks no member set up for them: in a load of direct messages that
+// lookup was a Redis round trip per dispatcher round and a script per
+// conversation. The outbox rows themselves keep recipients NULL (all
+// members): the sweeper's re-dispatch looks the same two up, and PostgreSQL
+// is spared a JSON array per row.
+func directTo(key sql.NullString) []string {
+	if !key.Valid {
+		return nil
+	}
+	return strings.Fields(key.String)
 }
 
 // checkSQL answers, for each request of a batch in request order (ord from
@@ -218,15 +235,20 @@ func (s *Store) sendBatch(ctx context.Context, ms []chat.NewMessage) ([]sendResu
 		slices.Sort(cids)
 		cids = slices.Compact(cids)
 		var convs []struct {
-			ID      string `db:"id"`
-			LastSeq int64  `db:"last_seq"`
+			ID        string         `db:"id"`
+			LastSeq   int64          `db:"last_seq"`
+			DirectKey sql.NullString `db:"direct_key"`
 		}
 		if err := tx.StmtxContext(ctx, stmts.lock).SelectContext(ctx, &convs, s.d.texts(cids)); err != nil {
 			return err
 		}
 		last := make(map[string]int64, len(convs))
+		direct := map[string][]string{}
 		for _, c := range convs {
 			last[c.ID] = c.LastSeq
+			if to := directTo(c.DirectKey); to != nil {
+				direct[c.ID] = to
+			}
 		}
 
 		// 2. Membership, stored keys, metadata as stored.
@@ -342,6 +364,7 @@ func (s *Store) sendBatch(ctx context.Context, ms []chat.NewMessage) ([]sendResu
 			return err
 		}
 		for n, i := range creators {
+			evs[n].To = direct[evs[n].ConversationID] // after the write: see directTo
 			res[i] = sendResult{msg: msgs[i], created: true, events: []chat.OutboxEvent{evs[n]}}
 		}
 		for i, j := range dupOf {
