@@ -21,8 +21,11 @@ var ErrSlowConsumer = errors.New("stream consumer too slow")
 // ErrStreamRevoked ends a stream whose token was revoked.
 var ErrStreamRevoked = errors.New("stream token revoked")
 
-// eventEndToken is a control event on the bus, never shown to clients: the
-// streams of the token in its data end.
+// eventEndToken is a control event on the bus, never shown to clients:
+// published to a user's channel, it ends the streams of the token in its
+// data; broadcast to every node (Service.revoked), it drops that token from
+// their caches. Not Droppable: a revocation must not be lost in a full
+// buffer.
 const eventEndToken EventType = "_end_token"
 
 // readBatch is how many log entries one read returns.
