@@ -78,6 +78,7 @@ type config struct {
 	prefix       string
 	readBuf      int
 	label        string
+	cpuProcs     []string
 }
 
 // scenarioDefaults: the sizes of issue 6. Senders are closed loops (one
@@ -121,12 +122,18 @@ func parseFlags(args []string, stderr io.Writer) (*config, error) {
 	fs.IntVar(&c.setupConc, "setup-concurrency", 32, "parallel setup requests and stream opens")
 	fs.StringVar(&c.prefix, "prefix", "", "user-name prefix (default b<random>; must be new on the server)")
 	fs.IntVar(&c.readBuf, "read-buffer", 4096, "SSE read buffer per stream, bytes")
+	cpuProcs := fs.String("cpu-procs", "postgres,redis-server", "besides the server and this tool, the process names whose CPU per message to report (empty: none); needs a local server")
 	fs.StringVar(&c.label, "label", "", "copied into the JSON line as \"label\" (e.g. services, embedded) for imbench summarize")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments: %q", fs.Args())
+	}
+	for _, n := range strings.Split(*cpuProcs, ",") {
+		if n = strings.TrimSpace(n); n != "" {
+			c.cpuProcs = append(c.cpuProcs, n)
+		}
 	}
 	d, ok := scenarioDefaults[c.scenario]
 	if !ok {
@@ -268,6 +275,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return fail(ctx.Err())
 	}
 
+	var cpu *cpuWatch
+	var cpuBefore cpuSample
+	if cfg.scenario != "idle" {
+		cpu, cpuBefore, rep.cpuErr = startCPU(cfg)
+	}
 	switch cfg.scenario {
 	case "idle":
 		rss, err := readRSSKB(pid)
@@ -281,6 +293,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		e.send(ctx, senders, nil)
 	}
 	rep.drained = len(e.convs) == 0 || e.drain(ctx) // idle: nothing to drain
+	if cpu != nil {
+		if after, err := cpu.sample(); err != nil {
+			rep.cpuErr = err
+		} else {
+			rep.cpuBefore, rep.cpuAfter, rep.cpuWindow = cpuBefore, after, time.Since(e.sendStart)
+		}
+	}
 	if cfg.scenario == "hot" && ctx.Err() == nil {
 		rep.histTotal, rep.seqGaps, rep.histErr = e.checkHistory(ctx, e.convs[0])
 	}
@@ -295,6 +314,25 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return errChecks
 	}
 	return nil
+}
+
+// startCPU finds the processes to measure and samples them; the server
+// must be local (its pid given, or found from the port).
+func startCPU(cfg *config) (*cpuWatch, cpuSample, error) {
+	pid := cfg.serverPID
+	if pid == 0 {
+		port, _ := strconv.Atoi(portOf(cfg.url))
+		var err error
+		if pid, err = findListener(port); err != nil {
+			return nil, nil, err
+		}
+	}
+	w := &cpuWatch{serverPID: pid, names: cfg.cpuProcs, procDir: "/proc"}
+	s, err := w.sample()
+	if err != nil {
+		return nil, nil, err
+	}
+	return w, s, nil
 }
 
 func portOf(raw string) string {

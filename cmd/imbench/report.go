@@ -26,6 +26,11 @@ type report struct {
 	histTotal      int64
 	seqGaps        int64
 	histErr        error
+	// CPU times from the first send until drained (cpu.go); cpuErr says why
+	// there are none.
+	cpuBefore, cpuAfter cpuSample
+	cpuWindow           time.Duration
+	cpuErr              error
 
 	// Totals over the streams, filled by collect.
 	deliveries, missing, dups, ooo, unacked, unknown int64
@@ -107,6 +112,11 @@ type summary struct {
 	CatchupMs      *percentiles `json:"catchup_ms,omitempty"`
 	HistoryCount   *int64       `json:"history_messages,omitempty"`
 	SeqGaps        *int64       `json:"seq_gaps,omitempty"`
+	// CPU time per accepted send, in µs, and share of one core, from the
+	// first send until drained: "server", "imbench" and each --cpu-procs
+	// name (cpu.go); absent when the server is not local.
+	CPUusPerMsg map[string]float64 `json:"cpu_us_per_msg,omitempty"`
+	CPUPct      map[string]float64 `json:"cpu_pct,omitempty"`
 	// Label is --label, for imbench summarize to tell modes (services,
 	// embedded) apart: which backends a server uses is not visible through
 	// the API. Last and omitted when empty, so lines without it are as before.
@@ -179,6 +189,9 @@ func (r *report) summary() summary {
 	case "hot":
 		s.HistoryCount, s.SeqGaps = &r.histTotal, &r.seqGaps
 	}
+	if r.cpuAfter != nil {
+		s.CPUusPerMsg, s.CPUPct = cpuUse(r.cpuBefore, r.cpuAfter, s.SendsAccepted, r.cpuWindow.Seconds())
+	}
 	return s
 }
 
@@ -229,6 +242,19 @@ func (r *report) write(stdout, stderr io.Writer) {
 	}
 	if s.SeqGaps != nil {
 		row("history", "%d messages, %d seq gaps", *s.HistoryCount, *s.SeqGaps)
+	}
+	if s.CPUPct != nil {
+		line := ""
+		for _, k := range sortedKeys(s.CPUPct) {
+			if s.CPUusPerMsg != nil {
+				line += fmt.Sprintf("%s %.0f µs (%.0f%%)  ", k, s.CPUusPerMsg[k], s.CPUPct[k])
+			} else {
+				line += fmt.Sprintf("%s %.0f%%  ", k, s.CPUPct[k])
+			}
+		}
+		row("CPU per message (of a core)", "%s", line)
+	} else if r.cpuErr != nil && r.cfg.scenario != "idle" {
+		row("CPU per message", "not measured: %v", r.cpuErr)
 	}
 	if s.TimedOut {
 		row("timed out", "after %s: partial results", r.cfg.timeout)

@@ -1,9 +1,10 @@
 package main
 
 import (
+	"maps"
 	"math"
 	"math/bits"
-	"sort"
+	"slices"
 	"strconv"
 	"sync"
 )
@@ -142,13 +143,8 @@ func (c *statusCounter) snapshot() map[string]int64 {
 	return out
 }
 
-func sortedKeys(m map[string]int64) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
+func sortedKeys[V any](m map[string]V) []string {
+	return slices.Sorted(maps.Keys(m))
 }
 
 // bitset records which seqs a stream received, and which sends were

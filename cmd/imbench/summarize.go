@@ -36,21 +36,22 @@ var paramOrder = []string{"pairs", "streams", "members", "senders", "rate", "mes
 // stub written by scripts/bench for a run that printed nothing is flagged
 // rather than counted as a zero.
 type benchRun struct {
-	Label          string         `json:"label"`
-	Scenario       string         `json:"scenario"`
-	OK             *bool          `json:"ok"`
-	Error          string         `json:"error"`
-	Params         map[string]any `json:"params"`
-	SendsPerS      float64        `json:"sends_per_s"`
-	DeliveriesPerS float64        `json:"deliveries_per_s"`
-	LatencyMs      percentiles    `json:"latency_ms"`
-	Missing        int64          `json:"missing"`
-	Duplicates     int64          `json:"duplicates"`
-	OutOfOrder     int64          `json:"out_of_order"`
-	TimedOut       bool           `json:"timed_out"`
-	SeqGaps        *int64         `json:"seq_gaps"`
-	RSSPerStreamKB *float64       `json:"rss_per_stream_kb"`
-	CatchupMs      *percentiles   `json:"catchup_ms"`
+	Label          string             `json:"label"`
+	Scenario       string             `json:"scenario"`
+	OK             *bool              `json:"ok"`
+	Error          string             `json:"error"`
+	Params         map[string]any     `json:"params"`
+	SendsPerS      float64            `json:"sends_per_s"`
+	DeliveriesPerS float64            `json:"deliveries_per_s"`
+	LatencyMs      percentiles        `json:"latency_ms"`
+	Missing        int64              `json:"missing"`
+	Duplicates     int64              `json:"duplicates"`
+	OutOfOrder     int64              `json:"out_of_order"`
+	TimedOut       bool               `json:"timed_out"`
+	SeqGaps        *int64             `json:"seq_gaps"`
+	RSSPerStreamKB *float64           `json:"rss_per_stream_kb"`
+	CatchupMs      *percentiles       `json:"catchup_ms"`
+	CPUusPerMsg    map[string]float64 `json:"cpu_us_per_msg"`
 
 	where string // file:line, to find the run again
 }
@@ -277,6 +278,25 @@ var columns = []column{
 		}
 		return *r.RSSPerStreamKB, true
 	}, "kb"},
+	// CPU per message varies far less between days than rates do (cpu.go):
+	// the server's, and that of the other watched processes (--cpu-procs:
+	// PostgreSQL and Redis) together.
+	{"server CPU µs/msg", func(r *benchRun) (float64, bool) {
+		v, ok := r.CPUusPerMsg["server"]
+		return v, ok
+	}, "rate"},
+	{"PG+Redis CPU µs/msg", func(r *benchRun) (float64, bool) {
+		if _, ok := r.CPUusPerMsg["server"]; !ok {
+			return 0, false
+		}
+		sum := 0.0
+		for k, v := range r.CPUusPerMsg {
+			if k != "server" && k != "imbench" {
+				sum += v
+			}
+		}
+		return sum, true
+	}, "rate"},
 }
 
 // formatNum prints like the docs: thousands separators for rates, and

@@ -260,3 +260,29 @@ func TestLabelInJSONLine(t *testing.T) {
 		require.Equal(t, label, runs[0].Label)
 	}
 }
+
+// The CPU columns: the server's median, and the median of the other
+// watched processes' sum (the tool's own left out); a line without CPU
+// figures (a remote server, an older tool) shows none.
+func TestSummarizeCPU(t *testing.T) {
+	cpu := func(server, pg, redis, tool float64) string {
+		return fmt.Sprintf(`,"cpu_us_per_msg":{"server":%v,"postgres":%v,"redis-server":%v,"imbench":%v}`, server, pg, redis, tool)
+	}
+	in := strings.Join([]string{
+		line("services", "fanout", true, 1, 1, 1, 1, fanoutParams(1, 0), cpu(210, 100, 50, 999)),
+		line("services", "fanout", true, 1, 1, 1, 1, fanoutParams(2, 0), cpu(190, 120, 60, 999)),
+		line("services", "fanout", true, 1, 1, 1, 1, fanoutParams(3, 0), cpu(200, 90, 40, 999)),
+		line("remote", "fanout", true, 1, 1, 1, 1, fanoutParams(4, 0), ""),
+	}, "\n")
+	out, err := summarizeString(t, in)
+	require.NoError(t, err, out)
+	head, rows, _ := table(t, out)
+	r := rows["services / `fanout` / "+fanoutKey]
+	require.NotNil(t, r, out)
+	require.Equal(t, "200", col(t, head, r, "server CPU µs/msg"))
+	require.Equal(t, "150", col(t, head, r, "PG+Redis CPU µs/msg")) // sums 150, 180, 130
+	r = rows["remote / `fanout` / "+fanoutKey]
+	require.NotNil(t, r, out)
+	require.Equal(t, "–", col(t, head, r, "server CPU µs/msg"))
+	require.Equal(t, "–", col(t, head, r, "PG+Redis CPU µs/msg"))
+}
