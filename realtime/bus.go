@@ -510,20 +510,23 @@ func (b *bus) dispatch(m *redis.Message) {
 	}
 }
 
-// deliver hands an event to s's Events; b.mu must be held. An event that
-// does not fit is dropped if it is droppable (typing, presence), and
-// otherwise ends Events with ErrSlowSubscriber: a control event is never
-// lost silently.
+// deliver hands an event to s's Events; b.mu must be held.
 func (s *subscription) deliver(ev chat.StreamEvent) {
-	if s.eventsClosed {
-		return
+	if !s.eventsClosed && !offer(s.events, ev) {
+		s.closeEvents(ErrSlowSubscriber)
 	}
+}
+
+// offer is the overflow rule of both buses' Events channels: ev goes in if
+// there is room; if not, a droppable event (typing, presence) is dropped,
+// and offer reports false for any other, whose subscription must then end
+// with ErrSlowSubscriber: a control event is never lost silently.
+func offer(events chan<- chat.StreamEvent, ev chat.StreamEvent) bool {
 	select {
-	case s.events <- ev:
+	case events <- ev:
+		return true
 	default:
-		if !ev.Type.Droppable() {
-			s.closeEvents(ErrSlowSubscriber)
-		}
+		return ev.Type.Droppable()
 	}
 }
 

@@ -80,19 +80,11 @@ func (s *memSub) closeEvents(err error) {
 	close(s.events)
 }
 
-// deliver hands an event to s's Events; the shard's mutex must be held. An
-// event that does not fit is dropped if it is droppable (typing, presence),
-// and otherwise ends Events with ErrSlowSubscriber, as in the Redis adapter.
+// deliver hands an event to s's Events (offer's rule, as in the Redis
+// adapter); the shard's mutex must be held.
 func (s *memSub) deliver(ev chat.StreamEvent) {
-	if s.eventsClosed {
-		return
-	}
-	select {
-	case s.events <- ev:
-	default:
-		if !ev.Type.Droppable() {
-			s.closeEvents(ErrSlowSubscriber)
-		}
+	if !s.eventsClosed && !offer(s.events, ev) {
+		s.closeEvents(ErrSlowSubscriber)
 	}
 }
 
