@@ -35,10 +35,11 @@ bench:
 # on a fresh imd (new schema and Redis prefix, or new data directory), then the
 # medians as Markdown (scripts/bench; --help there lists the scenarios):
 #   make bench-table RUNS=3 MODES='services embedded' SCENARIOS='fanout dm'
+#   make bench-table AGAINST=a2599d3 SCENARIOS=dm   # this tree and a2599d3, runs interleaved
 # Results are appended to BENCH_OUT (default .local/bench/<date>.jsonl); BENCH_FLAGS
 # and BENCH_FLAGS_<scenario> (e.g. BENCH_FLAGS_idle=--streams=500) add imbench flags.
 RUNS ?= 3
 MODES ?= services embedded
 SCENARIOS ?= fanout fanout_rate dm hot idle reconnect
 bench-table:
-	scripts/bench --runs '$(RUNS)' --modes '$(MODES)' --scenarios '$(SCENARIOS)' $(if $(BENCH_OUT),--out '$(BENCH_OUT)')
+	scripts/bench --runs '$(RUNS)' --modes '$(MODES)' --scenarios '$(SCENARIOS)' $(if $(BENCH_OUT),--out '$(BENCH_OUT)') $(if $(AGAINST),--against '$(AGAINST)')
