@@ -526,3 +526,56 @@ func TestWakeUpsCarryEntries(t *testing.T) {
 	_, _, ok = s.Since(next)
 	require.False(t, ok, "an oversized batch is not carried")
 }
+
+// A log whose offset counter is gone while entries remain (a partial
+// eviction) is a lost log: reusing offsets within the epoch would give two
+// events one id, so the next append starts a new epoch, old positions
+// resync and the remains are cleared. A log whose list alone is gone keeps
+// its epoch and head: positions before the head are expired, and the next
+// entries continue the offsets.
+func TestLogPartlyLost(t *testing.T) {
+	t.Parallel()
+	prefix := testenv.KeyPrefix(t)
+	rt := openRedis(t, testenv.RedisURL(t), prefix)
+	admin := adminClient(t)
+	ctx := context.Background()
+	msg := func(seq int64) chat.Delivery {
+		return chat.Delivery{UserID: "alice", Entry: &chat.LogEntry{Key: fmt.Sprint("m", seq), Type: chat.EventMessageCreated,
+			ConversationID: "c1", Seq: seq, Data: []byte(`{}`)}}
+	}
+	head, err := rt.Head(ctx, "alice")
+	require.NoError(t, err)
+	_, err = rt.Append(ctx, []chat.Delivery{msg(1), msg(2)})
+	require.NoError(t, err)
+
+	// The list alone lost: same epoch, the head stays, old positions expired.
+	require.NoError(t, admin.Del(ctx, prefix+"offline:{alice}").Err())
+	_, _, err = rt.Read(ctx, "alice", head, 10)
+	var rs *chat.ResyncError
+	require.ErrorAs(t, err, &rs)
+	require.Equal(t, chat.ResyncExpired, rs.Reason)
+	_, err = rt.Append(ctx, []chat.Delivery{msg(3)})
+	require.NoError(t, err)
+	evs, next, err := rt.Read(ctx, "alice", chat.Position{Epoch: head.Epoch, Offset: 2}, 10)
+	require.NoError(t, err)
+	require.Len(t, evs, 1)
+	require.Equal(t, chat.Position{Epoch: head.Epoch, Offset: 3}, next, "offsets continue")
+
+	// The counter lost, the entry and the epoch still there: a new epoch,
+	// the old entry cleared; seq 4 comes with a baseline (as a gap fill
+	// does), since the conversation's last seq is gone too.
+	require.NoError(t, admin.Del(ctx, prefix+"offline:seq:{alice}", prefix+"offline:conv:{alice}").Err())
+	_, err = rt.Append(ctx, []chat.Delivery{{UserID: "alice", Entry: &chat.LogEntry{Key: "m4", Type: chat.EventMessageCreated,
+		ConversationID: "c1", Seq: 4, Baseline: 3, Data: []byte(`{}`)}}})
+	require.NoError(t, err)
+	_, _, err = rt.Read(ctx, "alice", next, 10)
+	require.ErrorAs(t, err, &rs)
+	require.Equal(t, chat.ResyncEpoch, rs.Reason)
+	h2, err := rt.Head(ctx, "alice")
+	require.NoError(t, err)
+	require.NotEqual(t, head.Epoch, h2.Epoch)
+	evs, _, err = rt.Read(ctx, "alice", chat.Position{Epoch: h2.Epoch}, 10)
+	require.NoError(t, err)
+	require.Len(t, evs, 1, "only the new entry: what the lost log held is gone")
+	require.Equal(t, int64(1), h2.Offset)
+}
