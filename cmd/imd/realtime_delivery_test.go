@@ -299,3 +299,37 @@ func TestRealtimeFastPathAlone(t *testing.T) {
 	evs := rtReadMessages(t, s.sseStream, 60, 15*time.Second)
 	require.Equal(t, rtSeqRange(1, 60), rtSeqs(rtMsgs(t, evs)), "every message once, in seq order, by the fast path alone")
 }
+
+// TestRealtimeDirectMessages: a direct conversation's messages reach both
+// members' streams (the sender's other devices too) on every node, once
+// each and in seq order, with no member set looked up for them: the send
+// batch hands the pair to the dispatcher (store.directTo). Replies from
+// both sides interleave in one conversation.
+func TestRealtimeDirectMessages(t *testing.T) {
+	t.Parallel()
+	c := newCluster(t)
+	n1, n2 := c.start(t, nodeOpts{}), c.start(t, nodeOpts{})
+	alice := rtProvision(t, n1.URL, "alice")
+	bob := rtProvision(t, n2.URL, "bob")
+	alice2 := rtMintToken(t, n2.URL, "alice")
+	cid := rtDirect(t, alice.client, "bob")
+
+	streams := map[string]*rtStream{
+		"alice on n1": rtOpen(t, n1.URL, alice.Token, rtStreamOpts{}),
+		"alice on n2": rtOpen(t, n2.URL, alice2, rtStreamOpts{}),
+		"bob on n1":   rtOpen(t, n1.URL, bob.Token, rtStreamOpts{}),
+	}
+	for _, s := range streams {
+		rtWaitReady(t, s.sseStream, 10*time.Second)
+	}
+	for i := range 12 {
+		from := alice.client
+		if i%3 == 2 {
+			from = rtOn(bob, n1)
+		}
+		rtSend(t, from, cid, fmt.Sprintf("d%d", i))
+	}
+	for name, s := range streams {
+		rtReadInOrder(t, s.sseStream, cid, 1, 12, 15*time.Second, name)
+	}
+}
