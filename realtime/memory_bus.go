@@ -4,27 +4,26 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 
 	"imd/chat"
 )
 
 // memSubSet is the local subscriptions of one key of m.subs, guarded by its
-// shard's mutex. The keys are named as the Redis adapter's channels are
-// (userKey, nodeKey), so a user's key can never be the node's.
+// shard's mutex. A user's key is the user id itself (no string built per
+// recipient on the append path); the Listen-ers' is nodeKey.
 type memSubSet map[*memSub]struct{}
 
-// userKey is the key of uid's subscriptions in m.subs.
-func userKey(uid string) string { return "user:" + uid }
-
-// nodeKey is the key of the Listen-ers in m.subs.
-const nodeKey = "node"
+// nodeKey is the key of the Listen-ers in m.subs: the empty string, which
+// no user id is (Subscribe refuses it).
+const nodeKey = ""
 
 // memSub is the in-memory subscription: the same channels and rules as the
 // Redis adapter's subscription (bus.go), minus the Pub/Sub connection.
 type memSub struct {
 	m      *Memory
-	key    string // userKey(uid), or nodeKey for a Listen-er
+	key    string // the user id, or nodeKey for a Listen-er
 	wake   chan struct{}
 	events chan chat.StreamEvent
 
@@ -91,7 +90,10 @@ func (s *memSub) deliver(ev chat.StreamEvent) {
 // Subscribe implements chat.Bus. Registration is immediate, so anything
 // appended or published after Subscribe returns reaches the subscription.
 func (m *Memory) Subscribe(ctx context.Context, uid string) (chat.Subscription, error) {
-	s, err := m.subscribe(ctx, userKey(uid))
+	if uid == nodeKey {
+		return nil, errors.New("realtime: subscribe: empty user id")
+	}
+	s, err := m.subscribe(ctx, uid)
 	if err != nil {
 		return nil, err
 	}
@@ -138,11 +140,10 @@ func (m *Memory) subscribe(ctx context.Context, key string) (*memSub, error) {
 // wake signals uid's subscriptions that the log grew; pending wake-ups
 // coalesce.
 func (m *Memory) wake(uid string) {
-	key := userKey(uid)
-	sh := m.subs.of(key)
+	sh := m.subs.of(uid)
 	sh.mu.RLock() // only the wake channels are touched, and they are never closed
 	defer sh.mu.RUnlock()
-	for s := range sh.m[key] {
+	for s := range sh.m[uid] {
 		select {
 		case s.wake <- struct{}{}:
 		default:
@@ -165,7 +166,9 @@ func (m *Memory) Publish(ctx context.Context, uids []string, ev chat.StreamEvent
 		return fmt.Errorf("realtime: publish: %w", err)
 	}
 	for _, uid := range uids {
-		m.deliver(userKey(uid), ev)
+		if uid != nodeKey {
+			m.deliver(uid, ev)
+		}
 	}
 	return nil
 }
