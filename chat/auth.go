@@ -120,10 +120,6 @@ func (s *Service) createUser(ctx context.Context, username, password, displayNam
 	return u, nil
 }
 
-// dummyHash makes a login for an unknown user cost as much as a real one, so
-// response times do not reveal which usernames exist.
-var dummyHash string
-
 // Login checks a password and issues a session token. Failed attempts are
 // limited per username and per client address across nodes.
 func (s *Service) Login(ctx context.Context, username, password, clientAddr string) (AuthResult, error) {
@@ -135,12 +131,11 @@ func (s *Service) Login(ctx context.Context, username, password, clientAddr stri
 	if err != nil && !IsCode(err, CodeNotFound) {
 		return AuthResult{}, err
 	}
+	// An unknown user is verified against a dummy hash, so that the
+	// response time does not tell which usernames exist.
 	hash := u.PasswordHash
 	if hash == "" {
-		if dummyHash == "" {
-			dummyHash, _ = s.hasher.Hash("imd-dummy-password")
-		}
-		hash = dummyHash
+		hash = s.dummyHash()
 	}
 	ok, verr := s.hasher.Verify(hash, password)
 	if verr != nil || !ok || u.PasswordHash == "" {

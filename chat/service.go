@@ -110,6 +110,9 @@ type Service struct {
 	hooks  Hooks
 	disp   *dispatcher
 	tokens *tokenCache // authenticated tokens (auth.go)
+	// dummyHash is a hash of this service's hasher that no password
+	// matches, made once on first use (Login).
+	dummyHash func() string
 	// sendsDispatched: the store hands committed sends to the dispatcher
 	// itself, in commit order (CommitOrdered).
 	sendsDispatched bool
@@ -124,6 +127,10 @@ func NewService(store Store, rt Realtime, hasher Hasher, cfg Config, log *slog.L
 	s := &Service{store: store, rt: rt, hasher: hasher, cfg: cfg.withDefaults(), log: log, hooks: hooks}
 	s.disp = newDispatcher(s)
 	s.tokens = newTokenCache(s.cfg.TokenCacheTTL)
+	s.dummyHash = sync.OnceValue(func() string {
+		h, _ := hasher.Hash("imd-dummy-password")
+		return h
+	})
 	if co, ok := store.(CommitOrdered); ok {
 		co.OnSendCommitted(s.disp.enqueue)
 		s.sendsDispatched = true

@@ -1,12 +1,15 @@
 package main
 
 import (
+	"fmt"
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"imd/chat"
@@ -622,4 +625,23 @@ func TestRoutesUsers(t *testing.T) {
 
 	alice.do("GET", "/v1/users/nobody", nil).Problem(t, 404, "not_found")
 	requireInvalid(t, alice.do("GET", "/v1/users/NOT_A_NAME", nil), "userId")
+}
+
+// Logins of unknown users are checked against a dummy hash made on first
+// use; concurrent first logins on a fresh server must not race for it (run
+// with -race), and each is a plain 401.
+func TestRoutesLoginUnknownConcurrently(t *testing.T) {
+	t.Parallel()
+	srv := startServer(t)
+	var wg sync.WaitGroup
+	for i := range 6 {
+		wg.Go(func() {
+			status, body, err := rtRawDo("POST", srv.URL+"/v1/auth/login", "",
+				map[string]any{"username": fmt.Sprintf("nobody%d", i), "password": "whatever it is"})
+			if assert.NoError(t, err) {
+				assert.Equal(t, 401, status, "%s", body)
+			}
+		})
+	}
+	wg.Wait()
 }
