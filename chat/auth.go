@@ -403,10 +403,11 @@ func (s *Service) GetUser(ctx context.Context, uid string) (User, error) {
 //   - on the node that revokes, at once: RevokeToken and Logout drop the
 //     entry after the store committed the revocation;
 //   - on the other nodes, as soon as the bus carries the news: the revoking
-//     node broadcasts the token id to every node (Bus.Broadcast, before it
-//     ends the token's streams), and every node's cache applies what its
-//     Listen subscription received before it answers any request from the
-//     cache. So a client that has seen its stream end is refused by every node;
+//     node broadcasts the token id to every node (Bus.Broadcast on
+//     TopicTokens, before it ends the token's streams), and every node's
+//     cache applies what its Listen subscription to that topic received
+//     before it answers any request from the cache. So a client that has
+//     seen its stream end is refused by every node;
 //   - worst case, when that message is lost (Redis unreachable while
 //     revoking, or the Pub/Sub connection dropping while it is in flight):
 //     Config.TokenCacheTTL, DefaultTokenCacheTTL = 5 s. Every cached entry
@@ -442,9 +443,9 @@ type cachedToken struct {
 type tokenCache struct {
 	ttl time.Duration // <= 0: nothing is cached
 
-	// watch is the live subscription to the node-level events (Bus.Listen),
-	// nil while there is none: then nothing is cached, and every request
-	// reads the store.
+	// watch is the live subscription to the token revocations (Bus.Listen,
+	// TopicTokens), nil while there is none: then nothing is cached, and
+	// every request reads the store.
 	watch atomic.Pointer[tokenWatch]
 
 	mu      sync.RWMutex
@@ -588,22 +589,29 @@ func (c *tokenCache) drain(w *tokenWatch) bool {
 func (s *Service) revoked(ctx context.Context, tokenID string) {
 	s.tokens.invalidate(tokenID)
 	ev := StreamEvent{Type: eventEndToken, Data: json.RawMessage(quote(tokenID))}
-	if err := s.rt.Broadcast(ctx, ev); err != nil {
+	if err := s.rt.Broadcast(ctx, TopicTokens, ev); err != nil {
 		s.log.Warn("broadcast token revocation", "err", err)
 	}
 }
 
-// watchRevocations keeps the node listening to the node-level events until
-// ctx ends; the cache is in use only while it is.
+// watchRevocations keeps the node listening to the token revocations
+// (TopicTokens) until ctx ends; the cache is in use only while it is.
 func (s *Service) watchRevocations(ctx context.Context) {
 	if s.tokens.ttl <= 0 {
 		return
 	}
-	backoff := tokenDrainEvery
+	s.listen(ctx, TopicTokens, tokenDrainEvery, s.followRevocations)
+}
+
+// listen keeps a Listen subscription to topic until ctx ends: serve has
+// each one until it returns (it lost events, or ctx ended); a Listen that
+// fails is retried after first, then twice as long each time up to 5 s.
+func (s *Service) listen(ctx context.Context, topic Topic, first time.Duration, serve func(context.Context, NodeSubscription)) {
+	backoff := first
 	for ctx.Err() == nil {
-		sub, err := s.rt.Listen(ctx)
+		sub, err := s.rt.Listen(ctx, topic)
 		if err != nil {
-			s.log.Warn("token cache: listen for revocations", "err", err)
+			s.log.Warn("listen for node events", "topic", topic, "err", err)
 			t := time.NewTimer(backoff)
 			select {
 			case <-ctx.Done():
@@ -613,8 +621,8 @@ func (s *Service) watchRevocations(ctx context.Context) {
 			backoff = min(2*backoff, 5*time.Second)
 			continue
 		}
-		backoff = tokenDrainEvery
-		s.followRevocations(ctx, sub)
+		backoff = first
+		serve(ctx, sub)
 		sub.Close()
 	}
 }

@@ -85,13 +85,31 @@ func (d *dispatcher) work(ctx context.Context, q chan OutboxEvent) {
 		case ev := <-q:
 			batch = append(batch[:0], ev)
 		}
+		var gather <-chan time.Time
+		if d.s.fan.covers(batch[0]) {
+			gather = time.After(fanoutGather)
+		}
 	more:
 		for len(batch) < maxBatch {
 			select {
 			case ev := <-q:
 				batch = append(batch, ev)
+				continue
 			default:
+			}
+			if gather == nil {
+				break
+			}
+			select {
+			case ev := <-q:
+				batch = append(batch, ev)
+				if !d.s.fan.covers(ev) {
+					gather = nil
+				}
+			case <-gather:
 				break more
+			case <-ctx.Done():
+				return
 			}
 		}
 		d.deliverAndAck(ctx, batch)

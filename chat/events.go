@@ -36,8 +36,12 @@ const (
 // burst of them, after a node restart say, must not disconnect a healthy
 // stream. Every other type is a control event that must never be lost
 // silently: the token-end event is what ends a revoked token's streams.
-// This is the one place that decides; every Bus implementation asks it.
-func (t EventType) Droppable() bool { return t == EventTyping || t == EventPresence }
+// The fan-out fast path's broadcasts (eventFanout) only deliver sooner what
+// the logs deliver anyway. This is the one place that decides; every Bus
+// implementation asks it.
+func (t EventType) Droppable() bool {
+	return t == EventTyping || t == EventPresence || t == eventFanout
+}
 
 // OutboxEvent is a durable event as committed in the same transaction as the
 // change that caused it. The dispatcher turns it into log entries for its

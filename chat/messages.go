@@ -71,7 +71,7 @@ func (s *Service) store1(ctx context.Context, p Principal, cid string, req SendR
 		return m, false, err
 	}
 	if !s.sendsDispatched {
-		s.disp.enqueue(ch.Events)
+		s.sent(ch.Events)
 	}
 	return m, created, nil
 }

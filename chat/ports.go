@@ -179,6 +179,10 @@ type EventLog interface {
 	// Head is the position of the log's newest entry, creating the log's
 	// epoch if it has none.
 	Head(ctx context.Context, uid string) (Position, error)
+	// HeadSeqs is Head with, as of that head, each conversation's last
+	// message seq in the log (appended or baselined; LogEntry.Seq): a
+	// stream starting there has every message of a conversation up to it.
+	HeadSeqs(ctx context.Context, uid string) (Position, map[string]int64, error)
 }
 
 // Subscription receives what concerns one user's streams on this node.
@@ -189,8 +193,11 @@ type Subscription interface {
 	// Since returns what the wake-ups since the last call carried, from
 	// just after pos: ok is false when they do not continue pos without a
 	// hole (or carried nothing, or some were lost), and the log must be read.
-	// An implementation may always say false.
-	Since(pos Position) (evs []StreamEvent, next Position, ok bool)
+	// A wake-up may carry only a summary of its entries, all messages of
+	// one conversation up to lastSeq: Since passes over them if have says
+	// the stream has them all (the fan-out fast path, fanout.go), else it
+	// says false. An implementation may always say false.
+	Since(pos Position, have func(cid string, lastSeq int64) bool) (evs []StreamEvent, next Position, ok bool)
 	// Events carries ephemeral events and control events, in order, and is
 	// bounded. An event that does not fit is dropped if its type is
 	// Droppable (typing, presence); any other is never dropped silently:
@@ -211,18 +218,33 @@ type NodeSubscription interface {
 	Close()
 }
 
+// Topic names a kind of node-level event (Bus.Broadcast, Bus.Listen). A
+// Listen-er hears only its topic, so a busy topic (the fan-out fast path,
+// many large events a second) never fills the bounded buffer of a listener
+// that must see every event of a rare one (token revocations, whose
+// listener drains only every few milliseconds). A topic is never empty.
+type Topic string
+
+const (
+	TopicTokens Topic = "tokens" // token revocations (auth.go)
+	TopicFanout Topic = "fanout" // messages of large groups delivered ahead of the logs (fanout.go)
+)
+
 // Bus routes wake-ups and ephemeral events to whichever nodes hold a user's
 // streams, and node-level events to every node.
 type Bus interface {
 	Subscribe(ctx context.Context, uid string) (Subscription, error)
 	// Publish sends an ephemeral event to the live streams of uids, best effort.
 	Publish(ctx context.Context, uids []string, ev StreamEvent) error
-	// Broadcast sends a node-level event to the Listen-ers of every node,
-	// this one included, never to streams; best effort.
-	Broadcast(ctx context.Context, ev StreamEvent) error
-	// Listen receives the node-level events of every node until Close; as
-	// with Subscribe, what is broadcast after it returns reaches it.
-	Listen(ctx context.Context) (NodeSubscription, error)
+	// Broadcast sends a node-level event of topic to that topic's Listen-ers
+	// of every node, this one included, never to streams; best effort. An
+	// empty topic is an error.
+	Broadcast(ctx context.Context, topic Topic, ev StreamEvent) error
+	// Listen receives the node-level events of topic, from every node, until
+	// Close; as with Subscribe, what is broadcast after it returns reaches
+	// it. Topics are kept apart so that one cannot crowd another out of the
+	// bounded buffer (see Topic). An empty topic is an error.
+	Listen(ctx context.Context, topic Topic) (NodeSubscription, error)
 }
 
 // Presence tracks live streams per user across nodes; entries expire so a

@@ -28,6 +28,9 @@ type Config struct {
 	SweepEvery      time.Duration // outbox sweeper period
 	SweepAfter      time.Duration // age before the sweeper takes an event over from the fast path
 	DispatchWorkers int
+	// FanoutFast is the group size from which messages also take the
+	// fan-out fast path (fanout.go); < 0 turns it off.
+	FanoutFast int
 }
 
 // Defaults, each with its reason.
@@ -52,6 +55,10 @@ const (
 	DefaultSweepEvery      = time.Second
 	DefaultSweepAfter      = 2 * time.Second // the fast path normally finishes well within this
 	DefaultDispatchWorkers = 8
+	// DefaultFanoutFast: below a few dozen members the logs are appended
+	// within a millisecond or two, and the fast path would only add a
+	// broadcast every node hears.
+	DefaultFanoutFast = 32
 )
 
 func (c Config) withDefaults() Config {
@@ -70,6 +77,7 @@ func (c Config) withDefaults() Config {
 	def(&c.MaxGroupMembers, DefaultMaxGroupMembers)
 	def(&c.MaxTitleChars, DefaultMaxTitleChars)
 	def(&c.DispatchWorkers, DefaultDispatchWorkers)
+	def(&c.FanoutFast, DefaultFanoutFast)
 	defd(&c.SessionTTL, DefaultSessionTTL)
 	defd(&c.TokenCacheTTL, DefaultTokenCacheTTL)
 	defd(&c.TicketTTL, DefaultTicketTTL)
@@ -109,7 +117,9 @@ type Service struct {
 	log    *slog.Logger
 	hooks  Hooks
 	disp   *dispatcher
-	tokens *tokenCache // authenticated tokens (auth.go)
+	fan    *fanout      // the fan-out fast path's sending side
+	local  localStreams // this node's streams, for the fast path
+	tokens *tokenCache  // authenticated tokens (auth.go)
 	// dummyHash is a hash of this service's hasher that no password
 	// matches, made once on first use (Login).
 	dummyHash func() string
@@ -126,27 +136,41 @@ func NewService(store Store, rt Realtime, hasher Hasher, cfg Config, log *slog.L
 	}
 	s := &Service{store: store, rt: rt, hasher: hasher, cfg: cfg.withDefaults(), log: log, hooks: hooks}
 	s.disp = newDispatcher(s)
+	s.fan = newFanout(s)
 	s.tokens = newTokenCache(s.cfg.TokenCacheTTL)
 	s.dummyHash = sync.OnceValue(func() string {
 		h, _ := hasher.Hash("imd-dummy-password")
 		return h
 	})
 	if co, ok := store.(CommitOrdered); ok {
-		co.OnSendCommitted(s.disp.enqueue)
+		co.OnSendCommitted(s.sent)
 		s.sendsDispatched = true
 	}
 	return s
 }
 
+// sent hands committed sends to the fast path and to the dispatcher.
+func (s *Service) sent(evs []OutboxEvent) {
+	s.fan.enqueue(evs)
+	s.disp.enqueue(evs)
+}
+
 // Config returns the effective configuration.
 func (s *Service) Config() Config { return s.cfg }
 
-// Start runs the dispatch workers, the outbox sweeper and the token cache's
-// revocation listener until ctx ends; Wait returns when they have stopped.
-// Without Start, Authenticate reads the store on every request.
+// Start runs the dispatch workers, the outbox sweeper, the token cache's
+// revocation listener and the fan-out fast path until ctx ends; Wait
+// returns when they have stopped. Without Start, Authenticate reads the
+// store on every request.
 func (s *Service) Start(ctx context.Context) {
 	s.disp.start(ctx)
 	s.bg.Go(func() { s.watchRevocations(ctx) })
+	if s.fan.on {
+		s.bg.Go(func() { s.fan.run(ctx) })
+	}
+	// Every node hands the fast path's messages to its streams, whether or
+	// not it sends any itself.
+	s.bg.Go(func() { s.followFanout(ctx) })
 }
 
 // Wait blocks until the background work started by Start has ended.

@@ -48,9 +48,17 @@ func (s *Service) Stream(ctx context.Context, p Principal, lastEventID string, s
 		return Unavailable("event stream", err)
 	}
 	defer sub.Close()
-	pos, resync, err := s.startPosition(ctx, p.UserID, lastEventID)
+	ib := s.local.add(p.UserID)
+	defer s.local.remove(p.UserID, ib)
+	cur, lv, resync, err := s.startCursor(ctx, p.UserID, lastEventID, true)
 	if err != nil {
 		return err
+	}
+	st := newStreamState(p.UserID, cur, true)
+	if lv.seqs != nil {
+		// Where the log stands in each conversation, so that the fast path
+		// can continue them from the start.
+		st.knowLog(lv.head, lv.seqs)
 	}
 	connID := newID("s_")
 	s.presenceConnect(ctx, p.UserID, connID)
@@ -61,10 +69,10 @@ func (s *Service) Stream(ctx context.Context, p Principal, lastEventID string, s
 			return err
 		}
 	}
-	if pos, err = s.drain(ctx, p.UserID, pos, sink); err != nil {
+	if err := s.drain(ctx, st, sink); err != nil {
 		return err
 	}
-	if err := sink.Send([]StreamEvent{readyEvent(pos)}); err != nil {
+	if err := sink.Send([]StreamEvent{readyEvent(st.cursor())}); err != nil {
 		return err
 	}
 	hb := time.NewTicker(s.cfg.Heartbeat)
@@ -75,18 +83,31 @@ func (s *Service) Stream(ctx context.Context, p Principal, lastEventID string, s
 		case <-ctx.Done():
 			return nil
 		case <-sub.Wake():
-			if evs, next, ok := sub.Since(pos); ok {
+			evs, next, ok := sub.Since(st.pos, st.have)
+			if ok {
 				// The wake-up carried the new entries: no read back.
-				if len(evs) > 0 {
+				if evs = st.sinced(evs, next, true); len(evs) > 0 {
 					if err := sink.Send(evs); err != nil {
 						return err
 					}
-					pos = next
 				}
 				continue
 			}
-			if pos, err = s.drain(ctx, p.UserID, pos, sink); err != nil {
+			st.sinced(nil, st.pos, false)
+			if err := s.drain(ctx, st, sink); err != nil {
 				return err
+			}
+		case <-ib.wake:
+			var evs []StreamEvent
+			for _, m := range ib.take() {
+				if ev, ok := st.early(m); ok {
+					evs = append(evs, ev)
+				}
+			}
+			if len(evs) > 0 {
+				if err := sink.Send(evs); err != nil {
+					return err
+				}
 			}
 		case ev, ok := <-sub.Events():
 			if !ok {
@@ -112,7 +133,7 @@ func (s *Service) Stream(ctx context.Context, p Principal, lastEventID string, s
 				// The backstop for a wake-up lost anyway: the bus wakes every
 				// stream after a reconnect (whatever was published meanwhile
 				// is gone), so only a rarer loss is left to this read.
-				if pos, err = s.drain(ctx, p.UserID, pos, sink); err != nil {
+				if err := s.drain(ctx, st, sink); err != nil {
 					return err
 				}
 				if ok, err := s.tokenAlive(ctx, p); err == nil && !ok {
@@ -123,64 +144,91 @@ func (s *Service) Stream(ctx context.Context, p Principal, lastEventID string, s
 	}
 }
 
-// startPosition resolves where a stream starts: the given position, or the
+// logView is where a log stands: its head and, as of that head, each
+// conversation's last seq in it (EventLog.HeadSeqs); seqs nil: unknown.
+type logView struct {
+	head Position
+	seqs map[string]int64
+}
+
+// startCursor resolves where a stream starts: the given event id, or the
 // log's head for none (live from now) and for one that cannot be parsed.
-func (s *Service) startPosition(ctx context.Context, uid, lastEventID string) (Position, *StreamEvent, error) {
+// withSeqs also returns where the log stands (for the fast path), as of a
+// head at or after the start.
+func (s *Service) startCursor(ctx context.Context, uid, lastEventID string, withSeqs bool) (Cursor, logView, *StreamEvent, error) {
+	var cur Cursor
+	parsed := false
 	if lastEventID != "" {
-		pos, err := ParsePosition(lastEventID)
+		c, err := ParseCursor(lastEventID)
 		if err == nil {
-			return pos, nil, nil
+			cur, parsed = c, true
 		}
 	}
-	head, err := s.rt.Head(ctx, uid)
+	var lv logView
+	var err error
+	switch {
+	case withSeqs:
+		lv.head, lv.seqs, err = s.rt.HeadSeqs(ctx, uid)
+	case parsed:
+		return cur, lv, nil, nil
+	default:
+		lv.head, err = s.rt.Head(ctx, uid)
+	}
+	if parsed {
+		if err != nil {
+			return cur, logView{}, nil, nil // the log is read, or resynced, as it can be
+		}
+		return cur, lv, nil, nil
+	}
 	if err != nil {
-		return Position{}, nil, Unavailable("event stream", err)
+		return Cursor{}, logView{}, nil, Unavailable("event stream", err)
 	}
 	if lastEventID != "" {
 		ev := resyncEvent(ResyncMalformed)
-		return head, &ev, nil
+		return Cursor{Pos: lv.head}, lv, &ev, nil
 	}
-	return head, nil, nil
+	return Cursor{Pos: lv.head}, lv, nil, nil
 }
 
-// drain writes everything in the log after pos. Redis errors keep the
-// stream open: the next wake-up or heartbeat reads again.
-func (s *Service) drain(ctx context.Context, uid string, pos Position, sink Sink) (Position, error) {
+// drain writes everything in the log after the stream's position. Redis
+// errors keep the stream open: the next wake-up or heartbeat reads again.
+func (s *Service) drain(ctx context.Context, st *streamState, sink Sink) error {
 	for {
-		evs, next, err := s.rt.Read(ctx, uid, pos, readBatch)
+		evs, next, err := s.rt.Read(ctx, st.uid, st.pos, readBatch)
 		var rs *ResyncError
 		if errors.As(err, &rs) {
-			head, herr := s.rt.Head(ctx, uid)
+			head, herr := s.rt.Head(ctx, st.uid)
 			if herr != nil {
-				return pos, nil
+				return nil
 			}
 			if err := sink.Send([]StreamEvent{resyncEvent(rs.Reason)}); err != nil {
-				return pos, err
+				return err
 			}
-			pos = head
+			st.resynced(head)
 			continue
 		}
 		if err != nil {
-			s.log.Debug("event log read", "user", uid, "err", err)
-			return pos, nil
+			s.log.Debug("event log read", "user", st.uid, "err", err)
+			return nil
 		}
-		if len(evs) == 0 {
-			return pos, nil
+		n := len(evs)
+		if evs = append(st.logged(evs, next), st.flush()...); len(evs) > 0 {
+			if err := sink.Send(evs); err != nil {
+				return err
+			}
 		}
-		if err := sink.Send(evs); err != nil {
-			return pos, err
-		}
-		pos = next
-		if len(evs) < readBatch {
+		if n < readBatch {
 			// Caught up. An append that lands after this read publishes
 			// its wake-up after writing, so nothing waits unseen.
-			return pos, nil
+			return nil
 		}
 	}
 }
 
 // Poll is the stream for scripts: the events after lastEventID, waiting up
-// to timeout for the first one. It returns the position to poll from next.
+// to timeout for the first one. It returns the event id to poll from next.
+// It reads the log only; an event id from a stream that was ahead of its
+// log (Cursor) is honoured all the same.
 func (s *Service) Poll(ctx context.Context, p Principal, lastEventID string, timeout time.Duration) ([]StreamEvent, string, error) {
 	var sub Subscription
 	if timeout > 0 {
@@ -190,13 +238,14 @@ func (s *Service) Poll(ctx context.Context, p Principal, lastEventID string, tim
 		}
 		defer sub.Close()
 	}
-	pos, resync, err := s.startPosition(ctx, p.UserID, lastEventID)
+	cur, _, resync, err := s.startCursor(ctx, p.UserID, lastEventID, false)
 	if err != nil {
 		return nil, "", err
 	}
 	if resync != nil {
-		return []StreamEvent{*resync}, pos.String(), nil
+		return []StreamEvent{*resync}, cur.String(), nil
 	}
+	st := newStreamState(p.UserID, cur, false)
 	var deadline <-chan time.Time
 	if timeout > 0 {
 		t := time.NewTimer(timeout)
@@ -204,30 +253,33 @@ func (s *Service) Poll(ctx context.Context, p Principal, lastEventID string, tim
 		deadline = t.C
 	}
 	for {
-		evs, next, err := s.rt.Read(ctx, p.UserID, pos, readBatch)
+		evs, next, err := s.rt.Read(ctx, p.UserID, st.pos, readBatch)
 		var rs *ResyncError
 		if errors.As(err, &rs) {
 			head, herr := s.rt.Head(ctx, p.UserID)
 			if herr != nil {
 				return nil, "", Unavailable("event stream", herr)
 			}
-			return []StreamEvent{resyncEvent(rs.Reason)}, head.String(), nil
+			st.resynced(head)
+			return []StreamEvent{resyncEvent(rs.Reason)}, st.cursor(), nil
 		}
 		if err != nil {
 			return nil, "", Unavailable("event stream", err)
 		}
-		if len(evs) > 0 || sub == nil {
-			return nonNil(evs), next.String(), nil
+		n := len(evs)
+		evs = st.logged(evs, next)
+		if len(evs) > 0 || sub == nil || n == readBatch {
+			return nonNil(evs), st.cursor(), nil
 		}
 		select {
 		case <-ctx.Done():
-			return []StreamEvent{}, pos.String(), nil
+			return []StreamEvent{}, st.cursor(), nil
 		case <-deadline:
-			return []StreamEvent{}, pos.String(), nil
+			return []StreamEvent{}, st.cursor(), nil
 		case <-sub.Wake():
 		case ev, ok := <-sub.Events():
 			if ok && ev.Type != eventEndToken {
-				return []StreamEvent{ev}, pos.String(), nil
+				return []StreamEvent{ev}, st.cursor(), nil
 			}
 		}
 	}
@@ -240,8 +292,8 @@ func nonNil(evs []StreamEvent) []StreamEvent {
 	return evs
 }
 
-func readyEvent(pos Position) StreamEvent {
-	data, _ := json.Marshal(ReadyEvent{LastEventID: pos.String()})
+func readyEvent(cursor string) StreamEvent {
+	data, _ := json.Marshal(ReadyEvent{LastEventID: cursor})
 	return StreamEvent{Type: EventReady, Data: data}
 }
 

@@ -94,7 +94,7 @@ func newBus(r *Redis, health time.Duration) *bus {
 }
 
 // subscription is one stream's view of its user's channel, or a
-// Listen-er's view of the node channel.
+// Listen-er's view of its topic's node channel.
 type subscription struct {
 	b       *bus
 	channel string
@@ -115,10 +115,23 @@ type subscription struct {
 
 // pushBatch is the entries of one append, as its wake-up carried them:
 // consecutive offsets of one epoch, shared by every subscription of the user.
+// A summary carries no events but count messages of conv ending at lastSeq.
 type pushBatch struct {
 	epoch  string
 	first  int64
 	events []chat.StreamEvent
+
+	count   int64
+	conv    string
+	lastSeq int64
+}
+
+// len is the number of entries the batch stands for.
+func (pb *pushBatch) len() int64 {
+	if pb.events == nil {
+		return pb.count
+	}
+	return int64(len(pb.events))
 }
 
 // pushBuffer bounds the pushed events a subscription holds (several
@@ -127,7 +140,7 @@ const pushBuffer = 512
 
 // Since implements chat.Subscription: the pushed events after pos, when
 // they continue pos without a hole.
-func (s *subscription) Since(pos chat.Position) ([]chat.StreamEvent, chat.Position, bool) {
+func (s *subscription) Since(pos chat.Position, have func(cid string, lastSeq int64) bool) ([]chat.StreamEvent, chat.Position, bool) {
 	s.b.mu.Lock()
 	batches, lost := s.pushed, s.pushLost
 	s.pushed, s.pushLen, s.pushLost = nil, 0, false
@@ -141,14 +154,22 @@ func (s *subscription) Since(pos chat.Position) ([]chat.StreamEvent, chat.Positi
 		if pb.epoch != pos.Epoch {
 			return nil, pos, false
 		}
-		last := pb.first + int64(len(pb.events)) - 1
+		last := pb.first + pb.len() - 1
 		if last <= next.Offset {
 			continue // read from the log already
 		}
 		if pb.first > next.Offset+1 {
 			return nil, pos, false // a hole: an entry the pushes do not have
 		}
-		evs = append(evs, pb.events[next.Offset+1-pb.first:]...)
+		if pb.events == nil {
+			// A summary: passed over only whole, and only if the stream has
+			// those messages.
+			if pb.first != next.Offset+1 || have == nil || !have(pb.conv, pb.lastSeq) {
+				return nil, pos, false
+			}
+		} else {
+			evs = append(evs, pb.events[next.Offset+1-pb.first:]...)
+		}
 		next.Offset = last
 	}
 	return evs, next, true
@@ -210,28 +231,41 @@ func (r *Redis) Subscribe(ctx context.Context, uid string) (chat.Subscription, e
 	return s, nil
 }
 
-// nodeChannel is the Pub/Sub channel <prefix>node that carries node-level
-// events (Broadcast) to every node. It is not a user:{uid} channel, so no
-// Publish reaches it and no stream hears it.
-func (r *Redis) nodeChannel() string { return r.cfg.Prefix + "node" }
+// nodeChannel is the Pub/Sub channel <prefix>node:<topic> that carries the
+// node-level events of one topic (Broadcast) to every node; one channel per
+// topic, so that a busy topic never fills the buffer of another's Listen-ers
+// (chat.Topic). It is not a user:{uid} channel, so no Publish reaches it and
+// no stream hears it.
+func (r *Redis) nodeChannel(topic chat.Topic) string {
+	return r.cfg.Prefix + "node:" + string(topic)
+}
 
-// Listen implements chat.Bus: a subscription to the node channel, on the
-// node's one PubSub connection like every user channel, with the same
+// errEmptyTopic is returned by Broadcast and Listen for the empty topic.
+var errEmptyTopic = errors.New("empty topic")
+
+// Listen implements chat.Bus: a subscription to topic's node channel, on
+// the node's one PubSub connection like every user channel, with the same
 // acknowledgement wait, wake-up after a reconnect and overflow rules.
-func (r *Redis) Listen(ctx context.Context) (chat.NodeSubscription, error) {
-	s, err := r.subscribe(ctx, r.nodeChannel())
+func (r *Redis) Listen(ctx context.Context, topic chat.Topic) (chat.NodeSubscription, error) {
+	if topic == "" {
+		return nil, fmt.Errorf("realtime: listen: %w", errEmptyTopic)
+	}
+	s, err := r.subscribe(ctx, r.nodeChannel(topic))
 	if err != nil {
 		return nil, err
 	}
 	return s, nil
 }
 
-// Broadcast implements chat.Bus: the event goes, as JSON, to the node
+// Broadcast implements chat.Bus: the event goes, as JSON, to topic's node
 // channel. Nothing is stored: a node that misses it, misses it.
-func (r *Redis) Broadcast(ctx context.Context, ev chat.StreamEvent) error {
+func (r *Redis) Broadcast(ctx context.Context, topic chat.Topic, ev chat.StreamEvent) error {
+	if topic == "" {
+		return fmt.Errorf("realtime: broadcast: %w", errEmptyTopic)
+	}
 	payload, err := eventPayload(ev)
 	if err == nil {
-		err = r.rdb.Publish(ctx, r.nodeChannel(), payload).Err()
+		err = r.rdb.Publish(ctx, r.nodeChannel(topic), payload).Err()
 	}
 	if err != nil {
 		return fmt.Errorf("realtime: broadcast: %w", err)
@@ -480,6 +514,11 @@ func (b *bus) dispatch(m *redis.Message) {
 		if pb, err := parsePush(m.Payload); err == nil {
 			push = &pb
 		}
+	} else if strings.HasPrefix(m.Payload, "S ") {
+		wake = true
+		if pb, err := parseSummary(m.Payload); err == nil {
+			push = &pb
+		}
 	} else if !wake && json.Unmarshal([]byte(m.Payload), &ev) != nil {
 		wake = true // not ours to interpret; a wake-up is always safe
 	}
@@ -494,11 +533,11 @@ func (b *bus) dispatch(m *redis.Message) {
 			switch {
 			case push == nil:
 				s.pushLost = true // an empty wake-up: only the log has it all
-			case s.pushLen+len(push.events) > pushBuffer:
+			case s.pushLen+len(push.events)+1 > pushBuffer:
 				s.pushed, s.pushLen, s.pushLost = nil, 0, true
 			case !s.pushLost:
 				s.pushed = append(s.pushed, *push)
-				s.pushLen += len(push.events)
+				s.pushLen += len(push.events) + 1
 			}
 			select {
 			case s.wake <- struct{}{}:
@@ -569,6 +608,23 @@ func (b *bus) close() {
 }
 
 var errBadPush = errors.New("realtime: malformed pushed entries")
+
+// parseSummary parses a wake-up that sums up its entries as messages of one
+// conversation: "S <epoch> <offset of the first> <count> <last seq>
+// <conversation id>" (appendScript).
+func parseSummary(payload string) (pushBatch, error) {
+	f := strings.SplitN(payload, " ", 6)
+	if len(f) != 6 || f[1] == "" || f[5] == "" {
+		return pushBatch{}, errBadPush
+	}
+	first, err1 := strconv.ParseInt(f[2], 10, 64)
+	count, err2 := strconv.ParseInt(f[3], 10, 64)
+	last, err3 := strconv.ParseInt(f[4], 10, 64)
+	if err1 != nil || err2 != nil || err3 != nil || first < 1 || count < 1 || last < count {
+		return pushBatch{}, errBadPush
+	}
+	return pushBatch{epoch: f[1], first: first, count: count, conv: f[5], lastSeq: last}, nil
+}
 
 // parsePush parses a wake-up that carries entries: "L <epoch> <offset of
 // the first> " then each entry as "<length>:<type> <data>" (appendScript).

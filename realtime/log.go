@@ -45,8 +45,9 @@ func (r *Redis) logKeys(uid string) []string {
 
 // userChannel is the Pub/Sub channel <prefix>user:{<uid>} that wakes the
 // nodes holding uid's streams: with the entries just appended ("L …", see
-// appendScript), or empty (read the log); it also carries the user's
-// ephemeral events (a JSON chat.StreamEvent).
+// appendScript), a summary of them when they are too many but all messages
+// of one conversation ("S …"), or empty (read the log); it also carries
+// the user's ephemeral events (a JSON chat.StreamEvent).
 func (r *Redis) userChannel(uid string) string { return r.cfg.Prefix + "user:" + tag(uid) }
 
 // epochLua is shared by the append and head scripts; k is a log's keys
@@ -146,6 +147,9 @@ local function append_user(u, k, candidate, channel, idx)
   local first = off + 1
   local vals, pushes = {}, {}
   local size = 0 -- of pushes
+  -- scid: the one conversation of all entries appended here, if they are
+  -- all its messages (else false), for a summary wake-up (below).
+  local scid, sseq = nil, 0
   local touch, toucha = {}, {} -- conversation → latest activity among the entries (number, as given)
   for n, i in ipairs(idx) do
     local key, cid, seq, baseline = ekey[i], ecid[i], eseq[i], ebase[i]
@@ -190,6 +194,11 @@ local function append_user(u, k, candidate, channel, idx)
       vals[#vals+1] = estr[i]
       pushes[#pushes+1] = epush[i]
       size = size + #epush[i]
+      if seq > 0 and (scid == nil or scid == cid) then
+        scid, sseq = cid, eseqs[i]
+      else
+        scid = false
+      end
       if seq > 0 then
         last[cid], lasts[cid] = seq, eseqs[i]
         changed[cid] = true
@@ -251,7 +260,15 @@ local function append_user(u, k, candidate, channel, idx)
     -- so the streams of the user need not read them back: "L <epoch>
     -- <offset of the first> " then each entry as "<length>:<entry>".
     if size > ` + pushSizeLua + ` then
-      redis.call('PUBLISH', channel, '')
+      if scid then
+        -- Too big to carry, but all messages of one conversation, in seq
+        -- order: a stream that has them already (the fan-out fast path)
+        -- need not read them. "S <epoch> <offset of the first> <count>
+        -- <last seq> <conversation id>".
+        redis.call('PUBLISH', channel, 'S ' .. epoch .. ' ' .. first .. ' ' .. #vals .. ' ' .. sseq .. ' ' .. scid)
+      else
+        redis.call('PUBLISH', channel, '')
+      end
     else
       redis.call('PUBLISH', channel, 'L ' .. epoch .. ' ' .. first .. ' ' .. table.concat(pushes))
     end
@@ -502,6 +519,39 @@ func parseEntry(s string) (typ, data string, err error) {
 		return "", "", errBadEntry
 	}
 	return typ, data, nil
+}
+
+// headSeqsScript is headScript that also returns the log's conversation
+// seqs (HGETALL of the conv hash), as of the same head.
+var headSeqsScript = redis.NewScript(epochLua + `
+local _, epoch, off = ensure_epoch(KEYS, ARGV[1])
+expire_all(KEYS, tonumber(ARGV[2]))
+return {epoch, off, redis.call('HGETALL', KEYS[4])}
+`)
+
+// HeadSeqs implements chat.EventLog.
+func (r *Redis) HeadSeqs(ctx context.Context, uid string) (chat.Position, map[string]int64, error) {
+	res, err := r.runScript(ctx, headSeqsScript, r.logKeys(uid), newEpoch(), ttlMillis(r.cfg.LogTTL)).Slice()
+	if err != nil {
+		return chat.Position{}, nil, fmt.Errorf("realtime: head: %w", err)
+	}
+	ep, _ := res[0].(string)
+	off, _ := res[1].(int64)
+	kv, _ := res[2].([]any)
+	if ep == "" || len(kv)%2 != 0 {
+		return chat.Position{}, nil, fmt.Errorf("realtime: head: unexpected reply %v", res)
+	}
+	seqs := make(map[string]int64, len(kv)/2)
+	for i := 0; i < len(kv); i += 2 {
+		cid, _ := kv[i].(string)
+		v, _ := kv[i+1].(string)
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return chat.Position{}, nil, fmt.Errorf("realtime: head: seq %q of %q", v, cid)
+		}
+		seqs[cid] = n
+	}
+	return chat.Position{Epoch: ep, Offset: off}, seqs, nil
 }
 
 // Head implements chat.EventLog.

@@ -12,18 +12,26 @@ import (
 
 // memSubSet is the local subscriptions of one key of m.subs, guarded by its
 // shard's mutex. A user's key is the user id itself (no string built per
-// recipient on the append path); the Listen-ers' is nodeKey.
+// recipient on the append path); a topic's Listen-ers' is nodeKey(topic).
 type memSubSet map[*memSub]struct{}
 
-// nodeKey is the key of the Listen-ers in m.subs: the empty string, which
-// no user id is (Subscribe refuses it).
-const nodeKey = ""
+// nodeMark starts the key of a topic's Listen-ers in m.subs, and no user id
+// (Subscribe refuses such ids, Publish skips them), so that no Publish
+// reaches a Listen-er and no Broadcast a stream.
+const nodeMark = "\x00"
+
+// nodeKey is the key of topic's Listen-ers in m.subs: one per topic, so that
+// a busy topic never fills the buffer of another's Listen-ers (chat.Topic).
+func nodeKey(topic chat.Topic) string { return nodeMark + string(topic) }
+
+// isNodeKey reports whether key is empty or a topic's: not a user id.
+func isNodeKey(key string) bool { return key == "" || key[0] == nodeMark[0] }
 
 // memSub is the in-memory subscription: the same channels and rules as the
 // Redis adapter's subscription (bus.go), minus the Pub/Sub connection.
 type memSub struct {
 	m      *Memory
-	key    string // the user id, or nodeKey for a Listen-er
+	key    string // the user id, or nodeKey(topic) for a Listen-er
 	wake   chan struct{}
 	events chan chat.StreamEvent
 
@@ -37,7 +45,7 @@ func (s *memSub) Wake() <-chan struct{} { return s.wake }
 
 // Since implements chat.Subscription: in memory the log is as cheap to read
 // as a push would be, so wake-ups carry nothing.
-func (s *memSub) Since(pos chat.Position) ([]chat.StreamEvent, chat.Position, bool) {
+func (s *memSub) Since(pos chat.Position, _ func(string, int64) bool) ([]chat.StreamEvent, chat.Position, bool) {
 	return nil, pos, false
 }
 func (s *memSub) Events() <-chan chat.StreamEvent { return s.events }
@@ -89,9 +97,14 @@ func (s *memSub) deliver(ev chat.StreamEvent) {
 
 // Subscribe implements chat.Bus. Registration is immediate, so anything
 // appended or published after Subscribe returns reaches the subscription.
+// A user id that is empty or starts with nodeMark is refused: its key would
+// be a topic's.
 func (m *Memory) Subscribe(ctx context.Context, uid string) (chat.Subscription, error) {
-	if uid == nodeKey {
+	if uid == "" {
 		return nil, errors.New("realtime: subscribe: empty user id")
+	}
+	if isNodeKey(uid) {
+		return nil, fmt.Errorf("realtime: subscribe: user id %q starts with a NUL byte", uid)
 	}
 	s, err := m.subscribe(ctx, uid)
 	if err != nil {
@@ -100,10 +113,13 @@ func (m *Memory) Subscribe(ctx context.Context, uid string) (chat.Subscription, 
 	return s, nil
 }
 
-// Listen implements chat.Bus: a subscription to what Broadcast sends. With
-// one node and no connection to lose, it is never woken.
-func (m *Memory) Listen(ctx context.Context) (chat.NodeSubscription, error) {
-	s, err := m.subscribe(ctx, nodeKey)
+// Listen implements chat.Bus: a subscription to what Broadcast sends on
+// topic. With one node and no connection to lose, it is never woken.
+func (m *Memory) Listen(ctx context.Context, topic chat.Topic) (chat.NodeSubscription, error) {
+	if topic == "" {
+		return nil, fmt.Errorf("realtime: listen: %w", errEmptyTopic)
+	}
+	s, err := m.subscribe(ctx, nodeKey(topic))
 	if err != nil {
 		return nil, err
 	}
@@ -138,8 +154,12 @@ func (m *Memory) subscribe(ctx context.Context, key string) (*memSub, error) {
 }
 
 // wake signals uid's subscriptions that the log grew; pending wake-ups
-// coalesce.
+// coalesce. An id that is a topic's key wakes nothing: Listen-ers are never
+// woken.
 func (m *Memory) wake(uid string) {
+	if isNodeKey(uid) {
+		return
+	}
 	sh := m.subs.of(uid)
 	sh.mu.RLock() // only the wake channels are touched, and they are never closed
 	defer sh.mu.RUnlock()
@@ -156,7 +176,8 @@ func (m *Memory) wake(uid string) {
 // empty; invalid JSON is an error) and hands out a compacted copy, so the
 // caller may reuse its buffer. An event that does not fit in a
 // subscription's buffer is dropped if droppable, and otherwise closes its
-// Events (ErrSlowSubscriber), after which it gets nothing more.
+// Events (ErrSlowSubscriber), after which it gets nothing more. An id that
+// Subscribe refuses (empty, or starting with nodeMark) gets nothing.
 func (m *Memory) Publish(ctx context.Context, uids []string, ev chat.StreamEvent) error {
 	if len(uids) == 0 {
 		return nil
@@ -166,21 +187,24 @@ func (m *Memory) Publish(ctx context.Context, uids []string, ev chat.StreamEvent
 		return fmt.Errorf("realtime: publish: %w", err)
 	}
 	for _, uid := range uids {
-		if uid != nodeKey {
+		if !isNodeKey(uid) {
 			m.deliver(uid, ev)
 		}
 	}
 	return nil
 }
 
-// Broadcast implements chat.Bus: the event goes to the Listen-ers at once,
-// as Publish's go to a user's subscriptions.
-func (m *Memory) Broadcast(ctx context.Context, ev chat.StreamEvent) error {
+// Broadcast implements chat.Bus: the event goes to topic's Listen-ers at
+// once, as Publish's go to a user's subscriptions.
+func (m *Memory) Broadcast(ctx context.Context, topic chat.Topic, ev chat.StreamEvent) error {
+	if topic == "" {
+		return fmt.Errorf("realtime: broadcast: %w", errEmptyTopic)
+	}
 	ev, err := m.eventCopy(ctx, ev)
 	if err != nil {
 		return fmt.Errorf("realtime: broadcast: %w", err)
 	}
-	m.deliver(nodeKey, ev)
+	m.deliver(nodeKey(topic), ev)
 	return nil
 }
 

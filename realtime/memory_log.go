@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"maps"
 	"strings"
 	"sync"
 	"time"
@@ -310,8 +311,18 @@ func (m *Memory) Read(ctx context.Context, uid string, pos chat.Position, limit 
 // Head implements chat.EventLog: creates the log (empty, new epoch) when
 // there is none, and extends its life, as headScript does.
 func (m *Memory) Head(ctx context.Context, uid string) (chat.Position, error) {
+	head, _, err := m.head(ctx, uid, false)
+	return head, err
+}
+
+// HeadSeqs implements chat.EventLog, as Head does.
+func (m *Memory) HeadSeqs(ctx context.Context, uid string) (chat.Position, map[string]int64, error) {
+	return m.head(ctx, uid, true)
+}
+
+func (m *Memory) head(ctx context.Context, uid string, withSeqs bool) (chat.Position, map[string]int64, error) {
 	if err := m.check(ctx); err != nil {
-		return chat.Position{}, fmt.Errorf("realtime: head: %w", err)
+		return chat.Position{}, nil, fmt.Errorf("realtime: head: %w", err)
 	}
 	now := m.now()
 	l := m.lockLog(uid, true)
@@ -320,7 +331,12 @@ func (m *Memory) Head(ctx context.Context, uid string) (chat.Position, error) {
 		l.reset()
 	}
 	l.expires = now.Add(m.cfg.LogTTL)
-	return chat.Position{Epoch: l.epoch, Offset: l.head}, nil
+	var seqs map[string]int64
+	if withSeqs {
+		seqs = make(map[string]int64, len(l.conv))
+		maps.Copy(seqs, l.conv)
+	}
+	return chat.Position{Epoch: l.epoch, Offset: l.head}, seqs, nil
 }
 
 // sweepLogs drops the logs that expired. A log someone holds is in use and

@@ -464,7 +464,7 @@ func TestMemoryClose(t *testing.T) {
 	require.NoError(t, err)
 	open, err := m.Subscribe(ctx, "bob")
 	require.NoError(t, err)
-	node, err := m.Listen(ctx)
+	node, err := m.Listen(ctx, chat.TopicTokens)
 	require.NoError(t, err)
 	for range 2 {
 		require.NoError(t, m.Publish(ctx, []string{"alice"}, chat.StreamEvent{Type: chat.EventTyping}))
@@ -494,12 +494,35 @@ func TestMemoryClose(t *testing.T) {
 	slow.Close()
 	_, err = m.Subscribe(ctx, "alice")
 	require.ErrorIs(t, err, ErrClosed)
-	_, err = m.Listen(ctx)
+	_, err = m.Listen(ctx, chat.TopicTokens)
 	require.ErrorIs(t, err, ErrClosed)
-	require.ErrorIs(t, m.Broadcast(ctx, chat.StreamEvent{Type: "_control"}), ErrClosed)
+	require.ErrorIs(t, m.Broadcast(ctx, chat.TopicTokens, chat.StreamEvent{Type: "_control"}), ErrClosed)
 	require.ErrorIs(t, m.Ping(ctx), ErrClosed)
 	_, err = m.Append(ctx, []chat.Delivery{memDelivery("alice", "o1")})
 	require.ErrorIs(t, err, ErrClosed)
+}
+
+// A topic's Listen-ers are kept in m.subs under a key no user id has:
+// Subscribe refuses the empty id and ids starting with a NUL byte, and
+// appending to such an id wakes no Listen-er.
+func TestMemoryTopicKeys(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	m := newTestMemory(t, Config{})
+	node, err := m.Listen(ctx, chat.TopicTokens)
+	require.NoError(t, err)
+	defer node.Close()
+	for _, uid := range []string{"", "\x00", "\x00tokens", "\x00x"} {
+		_, err := m.Subscribe(ctx, uid)
+		require.Error(t, err, "Subscribe(%q)", uid)
+	}
+	_, err = m.Append(ctx, []chat.Delivery{memDelivery("\x00tokens", "o1")})
+	require.NoError(t, err)
+	select {
+	case <-node.Wake():
+		t.Fatal("an append woke a Listen-er")
+	default:
+	}
 }
 
 // BenchmarkMemoryAppend is the fan-out benchmark against the in-memory adapter.

@@ -14,8 +14,9 @@
 //     publishes a wake-up;
 //   - the Pub/Sub routing (channel user:{uid}) that wakes whichever nodes hold a
 //     user's streams and carries ephemeral events (typing, presence), and the
-//     channel node that carries node-level events to every node (Broadcast,
-//     Listen: token revocations);
+//     channels node:<topic>, one per chat.Topic, that carry node-level events
+//     to every node (Broadcast, Listen: token revocations, the fan-out fast
+//     path), apart so that a busy topic cannot crowd out a rare one;
 //   - presence, the member-set cache, the conversation-list cache and the
 //     shared rate limits.
 //

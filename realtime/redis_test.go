@@ -194,6 +194,28 @@ func TestChannelFollowsLocalSubscriptions(t *testing.T) {
 	testenv.Eventually(t, 5*time.Second, func() bool { return numsub() == 0 }, "unsubscribed after the last Close")
 }
 
+// Each topic has its own node channel, <prefix>node:<topic>, subscribed for
+// the node's first Listen-er of the topic and unsubscribed with its last.
+func TestNodeChannelPerTopic(t *testing.T) {
+	t.Parallel()
+	prefix := testenv.KeyPrefix(t)
+	rt := openRedis(t, testenv.RedisURL(t), prefix)
+	admin := adminClient(t)
+	ctx := context.Background()
+	tokens, fanout := prefix+"node:tokens", prefix+"node:fanout"
+	numsub := func() map[string]int64 {
+		m, err := admin.PubSubNumSub(ctx, tokens, fanout, prefix+"node").Result()
+		require.NoError(t, err)
+		return m
+	}
+
+	l, err := rt.Listen(ctx, chat.TopicTokens)
+	require.NoError(t, err)
+	require.Equal(t, map[string]int64{tokens: 1, fanout: 0, prefix + "node": 0}, numsub())
+	l.Close()
+	testenv.Eventually(t, 5*time.Second, func() bool { return numsub()[tokens] == 0 }, "unsubscribed after the last Close")
+}
+
 // With Redis unreachable, calls fail fast instead of stalling the send path
 // (G6), and Subscribe still hands out a subscription.
 func TestRedisUnreachable(t *testing.T) {
@@ -486,7 +508,7 @@ func TestWakeUpsCarryEntries(t *testing.T) {
 		case <-s.Wake():
 		case <-time.After(100 * time.Millisecond):
 		}
-		evs, n, ok := s.Since(next)
+		evs, n, ok := s.Since(next, nil)
 		require.True(t, ok, "pushes continue the position")
 		got, next = append(got, evs...), n
 		return len(got) == 4
@@ -501,18 +523,18 @@ func TestWakeUpsCarryEntries(t *testing.T) {
 	require.NoError(t, err)
 	recvWake(t, s, 5*time.Second, "the fourth message")
 	// Asked from an older position than the pushes continue: a hole.
-	evs, n, ok := s.Since(head)
+	evs, n, ok := s.Since(head, nil)
 	require.False(t, ok, "a position the pushes do not continue: %v", evs)
 	require.Equal(t, head, n)
 	// Taken anyway: they are gone now, the log has them.
-	_, _, ok = s.Since(next)
+	_, _, ok = s.Since(next, nil)
 	require.False(t, ok, "nothing pushed since: read the log")
 
 	// Another epoch's position.
 	_, err = rt.Append(ctx, []chat.Delivery{msg(5, "five")})
 	require.NoError(t, err)
 	recvWake(t, s, 5*time.Second, "the fifth message")
-	_, _, ok = s.Since(chat.Position{Epoch: "other", Offset: next.Offset + 1})
+	_, _, ok = s.Since(chat.Position{Epoch: "other", Offset: next.Offset + 1}, nil)
 	require.False(t, ok, "another epoch")
 
 	// A batch larger than a wake-up carries: an empty wake-up.
@@ -523,8 +545,89 @@ func TestWakeUpsCarryEntries(t *testing.T) {
 	_, err = rt.Append(ctx, big)
 	require.NoError(t, err)
 	recvWake(t, s, 5*time.Second, "the big batch")
-	_, _, ok = s.Since(next)
+	_, _, ok = s.Since(next, nil)
 	require.False(t, ok, "an oversized batch is not carried")
+}
+
+// A wake-up too big to carry its entries sums them up when they are all
+// messages of one conversation: Since passes over them when the stream has
+// them (the fan-out fast path delivered them), and reads the log otherwise.
+// A round with anything else is an empty wake-up, as before.
+func TestSummaryWakeUps(t *testing.T) {
+	t.Parallel()
+	rt := openRedis(t, testenv.RedisURL(t), testenv.KeyPrefix(t))
+	ctx := context.Background()
+	s, err := rt.Subscribe(ctx, "alice")
+	require.NoError(t, err)
+	t.Cleanup(s.Close)
+	head, err := rt.Head(ctx, "alice")
+	require.NoError(t, err)
+	drainWake(s)
+	msg := func(cid string, seq int64) chat.Delivery {
+		return chat.Delivery{UserID: "alice", Entry: &chat.LogEntry{Key: fmt.Sprint("m", cid, seq), Type: chat.EventMessageCreated,
+			ConversationID: cid, Seq: seq, Data: []byte(`{"text":"` + strings.Repeat("x", 500) + `"}`)}}
+	}
+	big := func(cid string, from, to int64) []chat.Delivery {
+		var ds []chat.Delivery
+		for seq := from; seq <= to; seq++ {
+			ds = append(ds, msg(cid, seq))
+		}
+		return ds
+	}
+	type asked struct {
+		cid  string
+		last int64
+	}
+	var questions []asked
+	have := func(answer bool) func(string, int64) bool {
+		return func(cid string, last int64) bool {
+			questions = append(questions, asked{cid, last})
+			return answer
+		}
+	}
+
+	// 20 messages of c1 (10 KB): a summary; the stream has them.
+	_, err = rt.Append(ctx, big("c1", 1, 20))
+	require.NoError(t, err)
+	recvWake(t, s, 5*time.Second, "the first round")
+	evs, next, ok := s.Since(head, have(true))
+	require.True(t, ok, "passed over")
+	require.Empty(t, evs)
+	require.Equal(t, head.Offset+20, next.Offset)
+	require.Equal(t, []asked{{"c1", 20}}, questions)
+
+	// The next 20: the stream lacks them, so the log must be read.
+	_, err = rt.Append(ctx, big("c1", 21, 40))
+	require.NoError(t, err)
+	recvWake(t, s, 5*time.Second, "the second round")
+	_, n, ok := s.Since(next, have(false))
+	require.False(t, ok)
+	require.Equal(t, next, n)
+	require.Equal(t, asked{"c1", 40}, questions[1])
+	next.Offset += 20
+
+	// Two conversations in one round, or a message with another event: an
+	// empty wake-up, whatever the stream has.
+	_, err = rt.Append(ctx, append(big("c1", 41, 50), big("c2", 1, 10)...))
+	require.NoError(t, err)
+	recvWake(t, s, 5*time.Second, "a round of two conversations")
+	_, _, ok = s.Since(next, have(true))
+	require.False(t, ok)
+	next.Offset += 20
+	_, err = rt.Append(ctx, append(big("c1", 51, 70), delivery("alice", "o1")))
+	require.NoError(t, err)
+	recvWake(t, s, 5*time.Second, "a round with another event")
+	_, _, ok = s.Since(next, have(true))
+	require.False(t, ok)
+	require.Len(t, questions, 2, "not asked about rounds that are not summed up")
+
+	// A summary that does not start right after the position is a hole.
+	next.Offset += 21
+	_, err = rt.Append(ctx, big("c1", 71, 90))
+	require.NoError(t, err)
+	recvWake(t, s, 5*time.Second, "a later round")
+	_, _, ok = s.Since(chat.Position{Epoch: next.Epoch, Offset: next.Offset - 1}, have(true))
+	require.False(t, ok)
 }
 
 // A log whose offset counter is gone while entries remain (a partial

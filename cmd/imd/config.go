@@ -78,6 +78,7 @@ type config struct {
 	tokenCache   time.Duration // how long a node trusts a token it has read; 0: no cache
 	eventBuffer  int           // per-stream buffer of ephemeral events (realtime.Config.EventBuffer)
 	sendLanes    int           // PostgreSQL group-commit lanes (store.WithSendLanes)
+	fanoutFast   int           // group size from which messages take the fan-out fast path; 0: off
 }
 
 func parseConfig(cmd string, args []string, getenv func(string) string, stderr io.Writer) (config, error) {
@@ -118,6 +119,8 @@ func parseConfig(cmd string, args []string, getenv func(string) string, stderr i
 		"ephemeral events (typing, presence) that may wait for one stream before it is ended as too slow")
 	num(&c.sendLanes, "send-lanes", "IMD_SEND_LANES", store.DefaultSendLanes,
 		"PostgreSQL transactions committing sends at once; more overlap round trips but split batches, costing the database more per message (SQLite: always 1)")
+	num(&c.fanoutFast, "fanout-fast", "IMD_FANOUT_FAST", chat.DefaultFanoutFast,
+		"groups of at least this many members get their messages to live streams before the members' logs have them; 0 off")
 	num(&c.logCap, "log-cap", "IMD_LOG_CAP", realtime.DefaultLogCap, "events kept per user for resume")
 	str(&c.logLevel, "log-level", "IMD_LOG_LEVEL", "info", "debug, info, warn or error")
 	str(&c.pprofAddr, "pprof-addr", "IMD_PPROF_ADDR", "",
@@ -174,6 +177,8 @@ func parseConfig(cmd string, args []string, getenv func(string) string, stderr i
 		return c, errors.New("IMD_STREAM_EVENT_BUFFER must be positive")
 	case c.sendLanes < 1 || c.sendLanes > store.MaxSendLanes:
 		return c, fmt.Errorf("IMD_SEND_LANES must be 1 to %d", store.MaxSendLanes)
+	case c.fanoutFast < 0:
+		return c, errors.New("IMD_FANOUT_FAST must not be negative (0 turns the fast path off)")
 	case c.tokenCache < 0:
 		return c, errors.New("IMD_TOKEN_CACHE_TTL must not be negative (0 turns the cache off)")
 	}
@@ -196,6 +201,7 @@ func (c config) service() chat.Config {
 		LoginLimit:   chat.Limit{Rate: c.loginRate, Period: time.Minute, Burst: c.loginRate},
 		// chat.Config takes 0 for its default and a negative value for off.
 		TokenCacheTTL: cmp.Or(c.tokenCache, -1),
+		FanoutFast:    cmp.Or(c.fanoutFast, -1),
 	}
 }
 

@@ -270,9 +270,9 @@ func rtWaitReady(t *testing.T, s *sseStream, timeout time.Duration) ([]sseEvent,
 	require.Empty(t, ev.ID, "ready carries no id")
 	var d chat.ReadyEvent
 	require.NoError(t, json.Unmarshal(ev.Data, &d), "ready data %s", ev.Data)
-	pos, err := chat.ParsePosition(d.LastEventID)
+	cur, err := chat.ParseCursor(d.LastEventID)
 	require.NoError(t, err, "ready last_event_id %q", d.LastEventID)
-	return before, pos
+	return before, cur.Pos
 }
 
 // readMessages reads events until n message.created events arrived and

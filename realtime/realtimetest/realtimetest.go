@@ -63,6 +63,7 @@ func Run(t *testing.T, h Harness) {
 		{"EventLog/SeveralUsersOneCall", testSeveralUsers},
 		{"EventLog/Baseline", testBaseline},
 		{"EventLog/Forget", testForget},
+		{"EventLog/HeadSeqs", testHeadSeqs},
 		{"EventLog/Epoch", testEpoch},
 		{"EventLog/Trim", testTrim},
 		{"EventLog/Ahead", testAhead},
@@ -73,6 +74,7 @@ func Run(t *testing.T, h Harness) {
 		{"Bus/SlowSubscriber", testSlowSubscriber},
 		{"Bus/DroppableOverflow", testDroppableOverflow},
 		{"Bus/Broadcast", testBroadcast},
+		{"Bus/BroadcastTopics", testBroadcastTopics},
 		{"Bus/ListenClose", testListenClose},
 		{"Presence/ConnectDisconnect", testPresence},
 		{"Presence/Expiry", testPresenceExpiry},
@@ -352,6 +354,49 @@ func testForget(t *testing.T, h Harness) {
 	require.Equal(t, []int64{1, 2, 40}, seqsOf(t, evs, "c1"))
 }
 
+// HeadSeqs is Head with each conversation's last seq in the log, appended
+// or baselined, as of that head; a forgotten conversation has none, and a
+// new log none at all.
+func testHeadSeqs(t *testing.T, h Harness) {
+	rt := h.New(t)
+	ctx := ctxFor(t)
+	head, seqs, err := rt.HeadSeqs(ctx, "alice")
+	require.NoError(t, err)
+	require.NotNil(t, seqs, "known, and empty")
+	require.Empty(t, seqs, "a new log")
+	again, err := rt.Head(ctx, "alice")
+	require.NoError(t, err)
+	require.Equal(t, head, again, "the same head as Head's")
+
+	appendOK(t, rt, msg("alice", "c1", 1), msg("alice", "c1", 2), keyed("alice", "k1", 1))
+	added := chat.Delivery{UserID: "alice", Entry: &chat.LogEntry{
+		Key: "o7", Type: chat.EventConversationCreated, ConversationID: "c2", Baseline: 10, Data: []byte(`{"id":"c2"}`),
+	}}
+	appendOK(t, rt, added, msg("alice", "c3", 1), msg("bob", "c4", 1))
+	head, seqs, err = rt.HeadSeqs(ctx, "alice")
+	require.NoError(t, err)
+	require.Equal(t, map[string]int64{"c1": 2, "c2": 10, "c3": 1}, seqs)
+	require.EqualValues(t, 5, head.Offset, "five entries of hers")
+	again, err = rt.Head(ctx, "alice")
+	require.NoError(t, err)
+	require.Equal(t, head, again)
+
+	removed := chat.Delivery{UserID: "alice", Entry: &chat.LogEntry{
+		Key: "o9", Type: chat.EventMemberRemoved, ConversationID: "c1", Forget: true, Data: []byte(`{"user_id":"alice"}`),
+	}}
+	appendOK(t, rt, removed)
+	_, seqs, err = rt.HeadSeqs(ctx, "alice")
+	require.NoError(t, err)
+	require.Equal(t, map[string]int64{"c2": 10, "c3": 1}, seqs, "c1 forgotten")
+
+	// A lost log: a new epoch, and nothing known.
+	h.LoseLogs(t, rt)
+	lost, seqs, err := rt.HeadSeqs(ctx, "alice")
+	require.NoError(t, err)
+	require.NotEqual(t, head.Epoch, lost.Epoch)
+	require.Empty(t, seqs)
+}
+
 func testEpoch(t *testing.T, h Harness) {
 	rt := h.New(t)
 	ctx := ctxFor(t)
@@ -526,9 +571,12 @@ func subscribe(t *testing.T, rt chat.Realtime, uid string) chat.Subscription {
 	return s
 }
 
-func listen(t *testing.T, rt chat.Realtime) chat.NodeSubscription {
+// busTopic is the topic the Bus tests broadcast on, unless they say otherwise.
+const busTopic = chat.TopicTokens
+
+func listen(t *testing.T, rt chat.Realtime, topic chat.Topic) chat.NodeSubscription {
 	t.Helper()
-	s, err := rt.Listen(ctxFor(t))
+	s, err := rt.Listen(ctxFor(t), topic)
 	require.NoError(t, err)
 	t.Cleanup(s.Close)
 	return s
@@ -752,14 +800,14 @@ func testBroadcast(t *testing.T, h Harness) {
 	rt := h.New(t)
 	peer := h.NewPeer(t, rt)
 	ctx := ctxFor(t)
-	here := listen(t, rt)
-	there := listen(t, peer)
+	here := listen(t, rt, busTopic)
+	there := listen(t, peer, busTopic)
 	streamHere := subscribe(t, rt, "alice")
 	streamThere := subscribe(t, peer, "alice")
 	listeners := []chat.NodeSubscription{here, there}
 	streams := []chat.Subscription{streamHere, streamThere}
 
-	require.NoError(t, rt.Broadcast(ctx, control(1)))
+	require.NoError(t, rt.Broadcast(ctx, busTopic, control(1)))
 	for _, l := range listeners {
 		ev := recvEvent(t, l, "a broadcast")
 		require.Equal(t, controlType, ev.Type)
@@ -774,13 +822,13 @@ func testBroadcast(t *testing.T, h Harness) {
 		ev := recvEvent(t, s, "a publish after the broadcast")
 		require.Equal(t, chat.EventTyping, ev.Type, "a broadcast reached a stream: %s", ev.Data)
 	}
-	require.NoError(t, peer.Broadcast(ctx, control(2)))
+	require.NoError(t, peer.Broadcast(ctx, busTopic, control(2)))
 	for _, l := range listeners {
 		ev := recvEvent(t, l, "a broadcast after the publish")
 		require.JSONEq(t, `{"n":2}`, string(ev.Data), "the publish reached a Listen-er: %s %s", ev.Type, ev.Data)
 	}
 	// Broadcasts carry data as JSON, "null" when empty, like Publish.
-	require.NoError(t, rt.Broadcast(ctx, chat.StreamEvent{Type: controlType}))
+	require.NoError(t, rt.Broadcast(ctx, busTopic, chat.StreamEvent{Type: controlType}))
 	for _, l := range listeners {
 		require.JSONEq(t, "null", string(recvEvent(t, l, "an empty broadcast").Data))
 	}
@@ -793,16 +841,80 @@ func testBroadcast(t *testing.T, h Harness) {
 	require.Zero(t, head.Offset)
 }
 
+// Broadcasts are kept apart by topic: a Listen-er hears its own topic's, from
+// every node, and never another's (so a busy topic cannot fill the buffer of
+// a rare one's Listen-er), nor what is published to a user id that looks like
+// a topic. The empty topic is refused.
+func testBroadcastTopics(t *testing.T, h Harness) {
+	rt := h.New(t)
+	peer := h.NewPeer(t, rt)
+	ctx := ctxFor(t)
+	topics := []chat.Topic{chat.TopicTokens, chat.TopicFanout}
+	listeners := map[chat.Topic][]chat.NodeSubscription{}
+	for _, topic := range topics {
+		listeners[topic] = []chat.NodeSubscription{listen(t, rt, topic), listen(t, peer, topic)}
+	}
+	// expect checks that the next event of each of topic's Listen-ers is
+	// control(n): whatever leaked in before it would come first.
+	expect := func(topic chat.Topic, n int, what string) {
+		t.Helper()
+		for i, l := range listeners[topic] {
+			ev := recvEvent(t, l, fmt.Sprintf("%s (%s Listen-er %d)", what, topic, i))
+			require.JSONEq(t, fmt.Sprintf(`{"n":%d}`, n), string(ev.Data),
+				"%s: %s Listen-er %d got %s %s", what, topic, i, ev.Type, ev.Data)
+		}
+	}
+	n := 0
+	for _, from := range []chat.Realtime{rt, peer} {
+		for i, own := range topics {
+			other := topics[1-i]
+			// The other topic's event goes first: had it reached own's
+			// Listen-ers, it would be the first thing they receive.
+			require.NoError(t, from.Broadcast(ctx, other, control(n)))
+			require.NoError(t, from.Broadcast(ctx, own, control(n+1)))
+			expect(own, n+1, "its own topic's broadcast, after another topic's")
+			// Had own's event reached them, the next round would find it.
+			expect(other, n, "the other topic's broadcast")
+			n += 2
+		}
+	}
+	// User ids that a careless implementation might map onto a topic's
+	// channel or key: streams' events, never a Listen-er's.
+	var names []string
+	for _, topic := range topics {
+		names = append(names, string(topic), "node:"+string(topic), "\x00"+string(topic))
+	}
+	require.NoError(t, peer.Publish(ctx, append(names, "node", "\x00", ""), control(999)))
+	for _, topic := range topics {
+		require.NoError(t, rt.Broadcast(ctx, topic, control(n)))
+		expect(topic, n, "a broadcast after a publish to topic-like user ids")
+		n++
+	}
+
+	// The empty topic is no topic.
+	for _, node := range []chat.Realtime{rt, peer} {
+		require.Error(t, node.Broadcast(ctx, "", control(n)), "broadcast on the empty topic")
+		s, err := node.Listen(ctx, "")
+		require.Error(t, err, "listen on the empty topic")
+		require.Nil(t, s)
+	}
+	for _, topic := range topics {
+		require.NoError(t, rt.Broadcast(ctx, topic, control(n)))
+		expect(topic, n, "a broadcast after the refused ones")
+		n++
+	}
+}
+
 // A closed Listen-er gets nothing more; the others do, and a node can listen
 // again after its last one closed. Its buffer overflows as a stream's does.
 func testListenClose(t *testing.T, h Harness) {
 	rt := h.New(t)
 	ctx := ctxFor(t)
-	closed := listen(t, rt)
-	open := listen(t, rt)
+	closed := listen(t, rt, busTopic)
+	open := listen(t, rt, busTopic)
 	closed.Close()
 	closed.Close() // idempotent
-	require.NoError(t, rt.Broadcast(ctx, control(1)))
+	require.NoError(t, rt.Broadcast(ctx, busTopic, control(1)))
 	recvEvent(t, open, "the other Listen-er still receives")
 	select {
 	case ev, ok := <-closed.Events():
@@ -811,15 +923,15 @@ func testListenClose(t *testing.T, h Harness) {
 	}
 
 	open.Close()
-	again := listen(t, rt)
-	require.NoError(t, rt.Broadcast(ctx, control(2)))
+	again := listen(t, rt, busTopic)
+	require.NoError(t, rt.Broadcast(ctx, busTopic, control(2)))
 	require.JSONEq(t, `{"n":2}`, string(recvEvent(t, again, "a new Listen-er after all closed").Data))
 
 	// A Listen-er that cannot take a control event is closed, never skips
 	// it (fast having seen event i means again was offered it too).
-	fast := listen(t, rt)
+	fast := listen(t, rt, busTopic)
 	for i := 0; i <= h.EventBuffer; i++ {
-		require.NoError(t, rt.Broadcast(ctx, control(10+i)))
+		require.NoError(t, rt.Broadcast(ctx, busTopic, control(10+i)))
 		recvEvent(t, fast, "a Listen-er that keeps up")
 	}
 	deadline := time.After(wait)
