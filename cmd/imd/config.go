@@ -120,7 +120,7 @@ func parseConfig(cmd string, args []string, getenv func(string) string, stderr i
 	num(&c.sendLanes, "send-lanes", "IMD_SEND_LANES", store.DefaultSendLanes,
 		"PostgreSQL transactions committing sends at once; more overlap round trips but split batches, costing the database more per message (SQLite: always 1)")
 	num(&c.fanoutFast, "fanout-fast", "IMD_FANOUT_FAST", chat.DefaultFanoutFast,
-		"groups of at least this many members get their messages to live streams before the members' logs have them; 0 off")
+		"groups of at least this many members get their messages to live streams before the members' logs have them; 0 off (the default without Redis)")
 	num(&c.logCap, "log-cap", "IMD_LOG_CAP", realtime.DefaultLogCap, "events kept per user for resume")
 	str(&c.logLevel, "log-level", "IMD_LOG_LEVEL", "info", "debug, info, warn or error")
 	str(&c.pprofAddr, "pprof-addr", "IMD_PPROF_ADDR", "",
@@ -156,6 +156,14 @@ func parseConfig(cmd string, args []string, getenv func(string) string, stderr i
 	}
 	if c.dataDir == "" {
 		return c, errors.New("IMD_DATA_DIR must not be empty")
+	}
+	set := getenv("IMD_FANOUT_FAST") != ""
+	fs.Visit(func(f *flag.Flag) { set = set || f.Name == "fanout-fast" })
+	if !set && c.redisURL == "" {
+		// The in-memory logs are appended as fast as the fast path would
+		// deliver, which then only adds work: measured p99 at 50 sends/s
+		// to 1000 members 30-33 ms without it, 47-49 ms with it.
+		c.fanoutFast = 0
 	}
 	if c.databaseURL == "" {
 		c.databaseURL = "sqlite:" + filepath.Join(c.dataDir, EmbeddedDBFile)
