@@ -324,6 +324,9 @@ type streamState struct {
 	// conversation missing from it is at 0 (the log takes its seq 1 or a
 	// baseline next). Off without knowLog, or once last is full.
 	logKnown bool
+	// asked: knowLog was called (logKnown may have been turned off since,
+	// by a full last, which asking again would not change).
+	asked bool
 	// knownAt is the head as of which knowLog was told the log's seqs:
 	// until the stream has read that far, last may count messages it has
 	// not delivered yet, so nothing goes ahead.
@@ -356,7 +359,7 @@ func newStreamState(uid string, c Cursor, fast bool) *streamState {
 
 // knowLog takes each conversation's last seq in the log as of head.
 func (st *streamState) knowLog(head Position, seqs map[string]int64) {
-	st.logKnown, st.knownAt = true, head
+	st.logKnown, st.knownAt, st.asked = true, head, true
 	for cid, seq := range seqs {
 		if v, ok := st.last[cid]; !ok || seq > v {
 			st.setLast(cid, seq)
@@ -369,7 +372,7 @@ func (st *streamState) knowLog(head Position, seqs map[string]int64) {
 func (st *streamState) resynced(head Position) {
 	st.pos = head
 	if st.knownAt.Epoch != "" && st.knownAt.Epoch != head.Epoch {
-		st.logKnown, st.knownAt = false, Position{}
+		st.logKnown, st.knownAt, st.asked = false, Position{}, false
 	}
 }
 

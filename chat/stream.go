@@ -50,16 +50,11 @@ func (s *Service) Stream(ctx context.Context, p Principal, lastEventID string, s
 	defer sub.Close()
 	ib := s.local.add(p.UserID)
 	defer s.local.remove(p.UserID, ib)
-	cur, lv, resync, err := s.startCursor(ctx, p.UserID, lastEventID, true)
+	cur, resync, err := s.startCursor(ctx, p.UserID, lastEventID)
 	if err != nil {
 		return err
 	}
 	st := newStreamState(p.UserID, cur, true)
-	if lv.seqs != nil {
-		// Where the log stands in each conversation, so that the fast path
-		// can continue them from the start.
-		st.knowLog(lv.head, lv.seqs)
-	}
 	connID := newID("s_")
 	s.presenceConnect(ctx, p.UserID, connID)
 	defer s.presenceDisconnect(context.WithoutCancel(ctx), p.UserID, connID)
@@ -98,6 +93,14 @@ func (s *Service) Stream(ctx context.Context, p Principal, lastEventID string, s
 				return err
 			}
 		case <-ib.wake:
+			if !st.asked {
+				// Where the log stands in each conversation, so that the
+				// fast path can continue them (asked only by streams that
+				// get fast-path messages).
+				if head, seqs, err := s.rt.HeadSeqs(ctx, p.UserID); err == nil {
+					st.knowLog(head, seqs)
+				}
+			}
 			var evs []StreamEvent
 			for _, m := range ib.take() {
 				if ev, ok := st.early(m); ok {
@@ -144,50 +147,24 @@ func (s *Service) Stream(ctx context.Context, p Principal, lastEventID string, s
 	}
 }
 
-// logView is where a log stands: its head and, as of that head, each
-// conversation's last seq in it (EventLog.HeadSeqs); seqs nil: unknown.
-type logView struct {
-	head Position
-	seqs map[string]int64
-}
-
 // startCursor resolves where a stream starts: the given event id, or the
 // log's head for none (live from now) and for one that cannot be parsed.
-// withSeqs also returns where the log stands (for the fast path), as of a
-// head at or after the start.
-func (s *Service) startCursor(ctx context.Context, uid, lastEventID string, withSeqs bool) (Cursor, logView, *StreamEvent, error) {
-	var cur Cursor
-	parsed := false
+func (s *Service) startCursor(ctx context.Context, uid, lastEventID string) (Cursor, *StreamEvent, error) {
 	if lastEventID != "" {
-		c, err := ParseCursor(lastEventID)
+		cur, err := ParseCursor(lastEventID)
 		if err == nil {
-			cur, parsed = c, true
+			return cur, nil, nil
 		}
 	}
-	var lv logView
-	var err error
-	switch {
-	case withSeqs:
-		lv.head, lv.seqs, err = s.rt.HeadSeqs(ctx, uid)
-	case parsed:
-		return cur, lv, nil, nil
-	default:
-		lv.head, err = s.rt.Head(ctx, uid)
-	}
-	if parsed {
-		if err != nil {
-			return cur, logView{}, nil, nil // the log is read, or resynced, as it can be
-		}
-		return cur, lv, nil, nil
-	}
+	head, err := s.rt.Head(ctx, uid)
 	if err != nil {
-		return Cursor{}, logView{}, nil, Unavailable("event stream", err)
+		return Cursor{}, nil, Unavailable("event stream", err)
 	}
 	if lastEventID != "" {
 		ev := resyncEvent(ResyncMalformed)
-		return Cursor{Pos: lv.head}, lv, &ev, nil
+		return Cursor{Pos: head}, &ev, nil
 	}
-	return Cursor{Pos: lv.head}, lv, nil, nil
+	return Cursor{Pos: head}, nil, nil
 }
 
 // drain writes everything in the log after the stream's position. Redis
@@ -238,7 +215,7 @@ func (s *Service) Poll(ctx context.Context, p Principal, lastEventID string, tim
 		}
 		defer sub.Close()
 	}
-	cur, _, resync, err := s.startCursor(ctx, p.UserID, lastEventID, false)
+	cur, resync, err := s.startCursor(ctx, p.UserID, lastEventID)
 	if err != nil {
 		return nil, "", err
 	}
