@@ -135,7 +135,8 @@ func (pb *pushBatch) len() int64 {
 }
 
 // pushBuffer bounds the pushed events a subscription holds (several
-// dispatcher rounds); past it the stream reads its log instead.
+// dispatcher rounds), each round counting one more (a summary carries no
+// events); past it the stream reads its log instead.
 const pushBuffer = 512
 
 // Since implements chat.Subscription: the pushed events after pos, when
