@@ -24,7 +24,7 @@ import (
 //  1. Right after the commit, the node that committed looks up the members
 //     (the member cache, one round trip per batch) and broadcasts the
 //     messages of groups with at least Config.FanoutFast members once, to
-//     every node (TopicFanout), with their recipients.
+//     every node (TopicFanout), each group's with its recipients.
 //  2. Each node hands every message to its own streams of those recipients
 //     (localStreams), in memory.
 //  3. A stream delivers a message from there only if it is the next seq of
@@ -49,18 +49,31 @@ import (
 // path shows no message to anyone its log would not.
 
 // eventFanout is the node-level event of the fast path, on TopicFanout:
-// a JSON array of fastMessage. Never shown to clients; Droppable.
+// a JSON array of fastGroup. Never shown to clients; Droppable.
 const eventFanout EventType = "_fanout"
+
+// fastGroup is one conversation's messages in a broadcast, in seq order,
+// with their recipients once.
+type fastGroup struct {
+	ConversationID string `json:"c"`
+	// To is the members they are for, joined by commas (user ids are
+	// usernames, which have none): one string to decode, not one per member.
+	To       string         `json:"t"`
+	Messages []*fastMessage `json:"m"`
+}
 
 // fastMessage is one message on the fast path.
 type fastMessage struct {
-	ConversationID string          `json:"c"`
+	ConversationID string          `json:"-"` // its group's
 	Seq            int64           `json:"s"`
 	Data           json.RawMessage `json:"d"` // the message, as its log entry carries it
-	// To is the members it is for, joined by commas (user ids are
-	// usernames, which have none): one string to decode, not one per member.
-	To string `json:"t"`
 }
+
+// maxBroadcast bounds a broadcast's size (bytes, about): a node decodes it
+// whole, and Redis drops a subscriber whose output buffer passes 8 MB for
+// a minute (client-output-buffer-limit pubsub). A group of 5000 members
+// has ~50 KB of recipients.
+const maxBroadcast = 1 << 20
 
 // fanoutQueue bounds the committed messages awaiting the fast path; past
 // it they wait for their logs. fanoutBatch bounds one broadcast.
@@ -163,25 +176,52 @@ func (f *fanout) broadcast(ctx context.Context, evs []OutboxEvent) {
 		f.s.log.Debug("fan-out fast path: members", "err", err)
 		return
 	}
-	msgs := make([]fastMessage, 0, len(evs))
+	for _, groups := range fanoutGroups(evs, members, f.s.cfg.FanoutFast, maxBroadcast) {
+		for _, g := range groups {
+			f.large.Store(g.ConversationID, time.Now())
+		}
+		data, err := json.Marshal(groups)
+		if err == nil {
+			err = f.s.rt.Broadcast(ctx, TopicFanout, StreamEvent{Type: eventFanout, Data: data})
+		}
+		if err != nil {
+			f.s.log.Debug("fan-out fast path: broadcast", "err", err)
+		}
+	}
+}
+
+// fanoutGroups makes the broadcasts of evs: the messages of conversations
+// of at least min members, each conversation's in order and with its
+// recipients once per broadcast, in broadcasts of about maxBytes at most.
+func fanoutGroups(evs []OutboxEvent, members map[string][]string, min, maxBytes int) [][]*fastGroup {
+	var out [][]*fastGroup
+	var groups []*fastGroup
+	byConv := map[string]*fastGroup{}
+	size := 0
 	for _, ev := range evs {
 		to := members[ev.ConversationID]
-		if len(to) < f.s.cfg.FanoutFast {
+		if len(to) < min {
 			continue
 		}
-		msgs = append(msgs, fastMessage{ConversationID: ev.ConversationID, Seq: ev.Seq, Data: ev.Data, To: strings.Join(to, ",")})
-		f.large.Store(ev.ConversationID, time.Now())
+		if len(groups) > 0 && size+len(ev.Data) > maxBytes {
+			out = append(out, groups)
+			groups, size = nil, 0
+			clear(byConv)
+		}
+		g := byConv[ev.ConversationID]
+		if g == nil {
+			g = &fastGroup{ConversationID: ev.ConversationID, To: strings.Join(to, ",")}
+			byConv[ev.ConversationID] = g
+			groups = append(groups, g)
+			size += len(g.To)
+		}
+		g.Messages = append(g.Messages, &fastMessage{Seq: ev.Seq, Data: ev.Data})
+		size += len(ev.Data)
 	}
-	if len(msgs) == 0 {
-		return
+	if len(groups) > 0 {
+		out = append(out, groups)
 	}
-	data, err := json.Marshal(msgs)
-	if err == nil {
-		err = f.s.rt.Broadcast(ctx, TopicFanout, StreamEvent{Type: eventFanout, Data: data})
-	}
-	if err != nil {
-		f.s.log.Debug("fan-out fast path: broadcast", "err", err)
-	}
+	return out
 }
 
 // followFanout hands the fast path's broadcasts to this node's streams
@@ -209,18 +249,19 @@ func (s *Service) fanIn(ev StreamEvent) {
 	if ev.Type != eventFanout {
 		return
 	}
-	var msgs []*fastMessage
-	if err := json.Unmarshal(ev.Data, &msgs); err != nil {
+	var groups []fastGroup
+	if err := json.Unmarshal(ev.Data, &groups); err != nil {
 		s.log.Debug("fan-out fast path: bad broadcast", "err", err)
 		return
 	}
-	for _, m := range msgs {
-		to := m.To
-		m.To = "" // the inboxes keep m; they need no recipients
-		for to != "" {
+	for _, g := range groups {
+		for _, m := range g.Messages {
+			m.ConversationID = g.ConversationID
+		}
+		for to := g.To; to != ""; {
 			var uid string
 			uid, to, _ = strings.Cut(to, ",")
-			s.local.offer(uid, m)
+			s.local.offer(uid, g.Messages)
 		}
 	}
 }
@@ -271,20 +312,18 @@ func (l *localStreams) remove(uid string, ib *inbox) {
 	}
 }
 
-func (l *localStreams) offer(uid string, m *fastMessage) {
+func (l *localStreams) offer(uid string, msgs []*fastMessage) {
 	l.mu.RLock()
 	ibs := l.m[uid]
 	for _, ib := range ibs {
-		ib.push(m)
+		ib.push(msgs)
 	}
 	l.mu.RUnlock()
 }
 
-func (ib *inbox) push(m *fastMessage) {
+func (ib *inbox) push(msgs []*fastMessage) {
 	ib.mu.Lock()
-	if len(ib.msgs) < inboxCap {
-		ib.msgs = append(ib.msgs, m)
-	}
+	ib.msgs = append(ib.msgs, msgs[:min(len(msgs), max(0, inboxCap-len(ib.msgs)))]...)
 	ib.mu.Unlock()
 	select {
 	case ib.wake <- struct{}{}:

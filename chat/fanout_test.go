@@ -3,6 +3,7 @@ package chat
 import (
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"strings"
 	"testing"
@@ -385,4 +386,63 @@ func TestStreamStateExactlyOnce(t *testing.T) {
 		m.run(int(seed % 4))
 		m.check(convs, 40)
 	}
+}
+
+// A batch of committed messages becomes broadcasts that carry each large
+// group's messages in order with its recipients once, split by size, and
+// each node hands them to its streams of those recipients, and only those.
+func TestFanoutBroadcasts(t *testing.T) {
+	ev := func(cid string, seq int64) OutboxEvent {
+		return OutboxEvent{ConversationID: cid, Type: EventMessageCreated, Seq: seq, Data: logMsg(t, 0, cid, seq).Data}
+	}
+	members := map[string][]string{"big": {"alice", "bob", "carol"}, "small": {"alice", "dave"}}
+	evs := []OutboxEvent{ev("big", 1), ev("small", 1), ev("big", 2), ev("big", 3)}
+	bcs := fanoutGroups(evs, members, 3, 1<<20)
+	require.Len(t, bcs, 1)
+	require.Len(t, bcs[0], 1, "the small group is left to the logs")
+	g := bcs[0][0]
+	require.Equal(t, "big", g.ConversationID)
+	require.Equal(t, "alice,bob,carol", g.To)
+	var seqs []int64
+	for _, m := range g.Messages {
+		seqs = append(seqs, m.Seq)
+	}
+	require.Equal(t, []int64{1, 2, 3}, seqs)
+
+	// Split by size: each broadcast under the bound (recipients counted),
+	// the messages still in order across them.
+	one := len(evs[0].Data) + len("alice,bob,carol")
+	bcs = fanoutGroups(evs, members, 3, one+len(evs[0].Data))
+	require.Len(t, bcs, 2)
+	require.Len(t, bcs[0][0].Messages, 2)
+	require.EqualValues(t, 3, bcs[1][0].Messages[0].Seq)
+	require.Equal(t, "alice,bob,carol", bcs[1][0].To, "recipients again in every broadcast")
+
+	// A node hands the messages to its streams of the recipients.
+	s := &Service{log: slog.New(slog.DiscardHandler)}
+	alice, alice2, dave := s.local.add("alice"), s.local.add("alice"), s.local.add("dave")
+	for _, groups := range bcs {
+		data, err := json.Marshal(groups)
+		require.NoError(t, err)
+		s.fanIn(StreamEvent{Type: eventFanout, Data: data})
+	}
+	for _, ib := range []*inbox{alice, alice2} {
+		select {
+		case <-ib.wake:
+		default:
+			t.Fatal("a recipient's stream was not woken")
+		}
+		got := ib.take()
+		require.Len(t, got, 3, "each of alice's streams")
+		for i, m := range got {
+			require.Equal(t, "big", m.ConversationID)
+			require.EqualValues(t, i+1, m.Seq)
+			require.Equal(t, string(evs[0].Data), string(got[0].Data))
+		}
+	}
+	require.Empty(t, dave.take(), "not a recipient")
+	s.local.remove("alice", alice)
+	s.local.remove("alice", alice2)
+	s.local.remove("dave", dave)
+	require.Empty(t, s.local.m, "no stream left registered")
 }
