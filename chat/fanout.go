@@ -353,8 +353,6 @@ type streamState struct {
 	suffix string
 	stale  bool
 	buf    []byte // cursor's
-	// fast: the stream takes fast-path messages, so it keeps last.
-	fast bool
 	// last is, per conversation, the last message seq the stream has: one
 	// it delivered, or the log's as of a position the stream has passed
 	// (knowLog). -1: not known until the log brings a message of it.
@@ -387,8 +385,8 @@ const (
 	maxPending = 512
 )
 
-func newStreamState(uid string, c Cursor, fast bool) *streamState {
-	st := &streamState{uid: uid, pos: c.Pos, fast: fast}
+func newStreamState(uid string, c Cursor) *streamState {
+	st := &streamState{uid: uid, pos: c.Pos}
 	for _, a := range c.Ahead {
 		st.setAhead(a.ConversationID, a.Seq)
 		st.setLast(a.ConversationID, a.Seq)
@@ -473,7 +471,9 @@ func (st *streamState) dropAhead(i int) {
 func (st *streamState) logged(evs []StreamEvent, next Position) []StreamEvent {
 	out := evs[:0]
 	for _, ev := range evs {
-		if st.fast || len(st.ahead) > 0 {
+		// Only a stream the fast path has reached (or a cursor ahead)
+		// looks at what the log brings; the others pay nothing for it.
+		if st.last != nil || st.logKnown || len(st.ahead) > 0 {
 			switch ev.Type {
 			case EventMessageCreated:
 				cid, seq, ok := messageRef(ev.Data)

@@ -108,7 +108,7 @@ func seqsOf(t *testing.T, evs []StreamEvent) []string {
 // comes too soon until the log catches up; and leaves out of what the log
 // brings the messages it delivered ahead.
 func TestStreamStateAhead(t *testing.T) {
-	st := newStreamState("alice", Cursor{Pos: Position{Epoch: "e", Offset: 2}}, true)
+	st := newStreamState("alice", Cursor{Pos: Position{Epoch: "e", Offset: 2}})
 	st.knowLog(Position{Epoch: "e", Offset: 3}, map[string]int64{"c1": 3})
 	_, ok := st.early(fastMsg(t, "c1", 4))
 	require.False(t, ok, "the log's seq 3 is known, but the stream has not read up to it")
@@ -167,7 +167,7 @@ func TestStreamStateAhead(t *testing.T) {
 // A stream that does not know where its log stands (HeadSeqs failed) waits
 // for the log's first message of a conversation before it goes ahead.
 func TestStreamStateLogUnknown(t *testing.T) {
-	st := newStreamState("alice", Cursor{Pos: Position{Epoch: "e"}}, true)
+	st := newStreamState("alice", Cursor{Pos: Position{Epoch: "e"}})
 	_, ok := st.early(fastMsg(t, "c1", 1))
 	require.False(t, ok, "without knowLog even seq 1 waits: the log may hold it already")
 	evs := st.logged([]StreamEvent{logMsg(t, 1, "c1", 1)}, Position{Epoch: "e", Offset: 1})
@@ -198,6 +198,27 @@ func newStreamModel(t *testing.T, seed uint64, convs, msgs int) *streamModel {
 	m := &streamModel{t: t, rng: rng}
 	// The log: the conversations' messages interleaved, each in seq order,
 	// with someone else's membership events here and there.
+	interleave(rng, convs, msgs, func(cid string, seq int64) {
+		m.log = append(m.log, logMsg(t, int64(len(m.log)+1), cid, seq))
+		if rng.IntN(8) == 0 {
+			data, _ := json.Marshal(MemberEvent{ConversationID: cid, UserID: "zed", By: "bob"})
+			m.log = append(m.log, StreamEvent{ID: Position{Epoch: "e", Offset: int64(len(m.log) + 1)}.String(),
+				Type: EventMemberAdded, Data: data})
+		}
+	})
+	// The fast path: the same messages, interleaved otherwise, one in five lost.
+	interleave(rng, convs, msgs, func(cid string, seq int64) {
+		if rng.IntN(5) > 0 {
+			m.fast = append(m.fast, fastMsg(t, cid, seq))
+		}
+	})
+	m.start(Cursor{Pos: Position{Epoch: "e"}})
+	return m
+}
+
+// interleave calls fn with messages 1..msgs of conversations c0, c1, …,
+// each conversation's in seq order, the conversations in a random mix.
+func interleave(rng *rand.Rand, convs, msgs int, fn func(cid string, seq int64)) {
 	next := make([]int64, convs)
 	for left := convs * msgs; left > 0; {
 		c := rng.IntN(convs)
@@ -206,35 +227,14 @@ func newStreamModel(t *testing.T, seed uint64, convs, msgs int) *streamModel {
 		}
 		next[c]++
 		left--
-		cid := fmt.Sprint("c", c)
-		m.log = append(m.log, logMsg(t, int64(len(m.log)+1), cid, next[c]))
-		if rng.IntN(8) == 0 {
-			data, _ := json.Marshal(MemberEvent{ConversationID: cid, UserID: "zed", By: "bob"})
-			m.log = append(m.log, StreamEvent{ID: Position{Epoch: "e", Offset: int64(len(m.log) + 1)}.String(),
-				Type: EventMemberAdded, Data: data})
-		}
+		fn(fmt.Sprint("c", c), next[c])
 	}
-	// The fast path: the same messages, interleaved otherwise, one in five lost.
-	clear(next)
-	for left := convs * msgs; left > 0; {
-		c := rng.IntN(convs)
-		if next[c] == int64(msgs) {
-			continue
-		}
-		next[c]++
-		left--
-		if rng.IntN(5) > 0 {
-			m.fast = append(m.fast, fastMsg(t, fmt.Sprint("c", c), next[c]))
-		}
-	}
-	m.start(Cursor{Pos: Position{Epoch: "e"}})
-	return m
 }
 
 // start opens a stream at c, as Stream does: a drain (whose first read
 // may fail, Redis, leaving the log to later reads).
 func (m *streamModel) start(c Cursor) {
-	m.st = newStreamState("alice", c, true)
+	m.st = newStreamState("alice", c)
 	if m.rng.IntN(4) > 0 {
 		m.read()
 	}

@@ -54,7 +54,7 @@ func (s *Service) Stream(ctx context.Context, p Principal, lastEventID string, s
 	if err != nil {
 		return err
 	}
-	st := newStreamState(p.UserID, cur, true)
+	st := newStreamState(p.UserID, cur)
 	connID := newID("s_")
 	s.presenceConnect(ctx, p.UserID, connID)
 	defer s.presenceDisconnect(context.WithoutCancel(ctx), p.UserID, connID)
@@ -222,7 +222,7 @@ func (s *Service) Poll(ctx context.Context, p Principal, lastEventID string, tim
 	if resync != nil {
 		return []StreamEvent{*resync}, cur.String(), nil
 	}
-	st := newStreamState(p.UserID, cur, false)
+	st := newStreamState(p.UserID, cur)
 	var deadline <-chan time.Time
 	if timeout > 0 {
 		t := time.NewTimer(timeout)
