@@ -16,8 +16,9 @@ import (
 // more here), a group's messages reach the streams of its members on both
 // nodes ahead of their logs, once each and in seq order, whichever node
 // sent them; a stream resumed on the other node from the last id it got
-// (which says how far it was ahead of its log) gets exactly the rest; and
-// a poll from such an id leaves out what the stream had.
+// (which says how far it was ahead of its log) gets exactly the rest; a
+// poll from such an id leaves out what the stream had; and no stream of a
+// removed member or of an outsider gets what the group sends (G7).
 func TestRealtimeFanoutFastPath(t *testing.T) {
 	t.Parallel()
 	c := newCluster(t)
@@ -27,7 +28,10 @@ func TestRealtimeFanoutFastPath(t *testing.T) {
 	bob := rtProvision(t, n2.URL, "bob")
 	carol := rtProvision(t, n2.URL, "carol")
 	dave := rtProvision(t, n1.URL, "dave")
+	eve := rtProvision(t, n1.URL, "eve") // never a member
 	cid := rtGroup(t, alice.client, "bob", "carol", "dave")
+	outsider := rtOpen(t, n2.URL, eve.Token, rtStreamOpts{})
+	rtWaitReady(t, outsider.sseStream, 10*time.Second)
 
 	streams := map[string]*rtStream{
 		"alice on n2": rtOpen(t, n2.URL, alice.Token, rtStreamOpts{}),
@@ -64,8 +68,11 @@ func TestRealtimeFanoutFastPath(t *testing.T) {
 	require.Positive(t, ahead, "no message came ahead of the log: the fast path did not work")
 
 	// dave leaves with the id of seq 15 and comes back on the other node
-	// after 15 more messages.
+	// after 15 more messages; carol is removed from the group before them.
 	streams["dave on n2"].Close()
+	require.Equal(t, 204, alice.client.do("DELETE", path("/v1/conversations/%s/members/carol", cid), nil).Status)
+	removed := streams["carol on n2"]
+	delete(streams, "carol on n2")
 	send(16, 30)
 	resumed := rtOpen(t, n1.URL, dave.Token, rtStreamOpts{lastEventID: last["dave on n2"]})
 	evs := rtReadInOrder(t, resumed.sseStream, cid, 16, 30, 15*time.Second,
@@ -75,6 +82,21 @@ func TestRealtimeFanoutFastPath(t *testing.T) {
 			rtReadInOrder(t, s.sseStream, cid, 16, 30, 15*time.Second, name)
 		}
 	}
+	// G7: neither the removed member nor someone who never was one gets a
+	// message of the group sent after it: each reads until a direct message
+	// from alice sent after all of them.
+	for name, c := range map[string]*rtStream{"carol (removed)": removed, "eve (outsider)": outsider} {
+		peer := map[string]string{"carol (removed)": "carol", "eve (outsider)": "eve"}[name]
+		direct := rtDirect(t, alice.client, peer)
+		rtSend(t, alice.client, direct, "after the group's")
+		before, _ := rtWaitFor(t, c.sseStream, 15*time.Second, "the direct message", func(e sseEvent) bool {
+			return e.Type == "message.created" && rtMsgs(t, []sseEvent{e})[0].ConversationID == direct
+		})
+		for _, m := range rtMsgs(t, before) {
+			require.False(t, m.ConversationID == cid && m.Seq > 15, "%s got seq %d of the group", name, m.Seq)
+		}
+	}
+
 	// Nothing more for dave: no seq delivered twice after the replay.
 	dave30 := rtDurable(evs)[len(rtDurable(evs))-1].ID
 	rtSend(t, alice.client, cid, "m31")
