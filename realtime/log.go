@@ -304,11 +304,16 @@ const pushSize = 4 << 10
 var pushSizeLua = strconv.Itoa(pushSize)
 
 // headScript returns {epoch, head offset}, creating the epoch if missing,
-// and extends the log's life: a log someone streams from is in use. KEYS:
-// logKeys. ARGV: epoch candidate, ttl (ms).
+// and extends the log's life: a log someone streams from is in use; with
+// ARGV[3] '1' also the conversations' seqs as of that head (HGETALL of the
+// conv hash: HeadSeqs). KEYS: logKeys. ARGV: epoch candidate, ttl (ms),
+// seqs '1'/'0'.
 var headScript = redis.NewScript(epochLua + `
 local _, epoch, off = ensure_epoch(KEYS, ARGV[1])
 expire_all(KEYS, tonumber(ARGV[2]))
+if ARGV[3] == '1' then
+  return {epoch, off, redis.call('HGETALL', KEYS[4])}
+end
 return {epoch, off}
 `)
 
@@ -521,24 +526,37 @@ func parseEntry(s string) (typ, data string, err error) {
 	return typ, data, nil
 }
 
-// headSeqsScript is headScript that also returns the log's conversation
-// seqs (HGETALL of the conv hash), as of the same head.
-var headSeqsScript = redis.NewScript(epochLua + `
-local _, epoch, off = ensure_epoch(KEYS, ARGV[1])
-expire_all(KEYS, tonumber(ARGV[2]))
-return {epoch, off, redis.call('HGETALL', KEYS[4])}
-`)
+// Head implements chat.EventLog.
+func (r *Redis) Head(ctx context.Context, uid string) (chat.Position, error) {
+	head, _, err := r.head(ctx, uid, false)
+	return head, err
+}
 
 // HeadSeqs implements chat.EventLog.
 func (r *Redis) HeadSeqs(ctx context.Context, uid string) (chat.Position, map[string]int64, error) {
-	res, err := r.runScript(ctx, headSeqsScript, r.logKeys(uid), newEpoch(), ttlMillis(r.cfg.LogTTL)).Slice()
+	return r.head(ctx, uid, true)
+}
+
+func (r *Redis) head(ctx context.Context, uid string, withSeqs bool) (chat.Position, map[string]int64, error) {
+	res, err := r.runScript(ctx, headScript, r.logKeys(uid), newEpoch(), ttlMillis(r.cfg.LogTTL), boolArg(withSeqs)).Slice()
 	if err != nil {
 		return chat.Position{}, nil, fmt.Errorf("realtime: head: %w", err)
 	}
 	ep, _ := res[0].(string)
 	off, _ := res[1].(int64)
+	want := 2
+	if withSeqs {
+		want = 3
+	}
+	if ep == "" || len(res) != want {
+		return chat.Position{}, nil, fmt.Errorf("realtime: head: unexpected reply %v", res)
+	}
+	head := chat.Position{Epoch: ep, Offset: off}
+	if !withSeqs {
+		return head, nil, nil
+	}
 	kv, _ := res[2].([]any)
-	if ep == "" || len(kv)%2 != 0 {
+	if len(kv)%2 != 0 {
 		return chat.Position{}, nil, fmt.Errorf("realtime: head: unexpected reply %v", res)
 	}
 	seqs := make(map[string]int64, len(kv)/2)
@@ -551,19 +569,5 @@ func (r *Redis) HeadSeqs(ctx context.Context, uid string) (chat.Position, map[st
 		}
 		seqs[cid] = n
 	}
-	return chat.Position{Epoch: ep, Offset: off}, seqs, nil
-}
-
-// Head implements chat.EventLog.
-func (r *Redis) Head(ctx context.Context, uid string) (chat.Position, error) {
-	res, err := r.runScript(ctx, headScript, r.logKeys(uid), newEpoch(), ttlMillis(r.cfg.LogTTL)).Slice()
-	if err != nil {
-		return chat.Position{}, fmt.Errorf("realtime: head: %w", err)
-	}
-	ep, _ := res[0].(string)
-	off, _ := res[1].(int64)
-	if ep == "" {
-		return chat.Position{}, fmt.Errorf("realtime: head: unexpected reply %v", res)
-	}
-	return chat.Position{Epoch: ep, Offset: off}, nil
+	return head, seqs, nil
 }
