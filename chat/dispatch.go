@@ -85,6 +85,9 @@ func (d *dispatcher) work(ctx context.Context, q chan OutboxEvent) {
 		case ev := <-q:
 			batch = append(batch[:0], ev)
 		}
+		// Messages the fan-out fast path took to the live streams may wait
+		// for more of their kind (fanoutGather), so that each member's log
+		// takes them in one step; anything else ends the wait.
 		var gather <-chan time.Time
 		if d.s.fan.covers(batch[0]) {
 			gather = time.After(fanoutGather)
