@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lib/pq"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -870,4 +871,60 @@ func TestSendDirectEventsCarryThePair(t *testing.T) {
 		}
 		require.Equal(t, 2, n)
 	})
+}
+
+// TestSendBatchPlansUseIndexes: under batchPlans, every statement of a batch
+// finds its rows through indexes, in nested loops, on tables that were
+// never analyzed (a fresh database: PostgreSQL's estimates of their size
+// come from their few pages). Without batchPlans the planner chose
+// sequential scans and hash joins here, which cost a batch time in
+// proportion to the tables (see batchPlans).
+func TestSendBatchPlansUseIndexes(t *testing.T) {
+	ctx := batchCtx(t)
+	s := openPostgresT(t, testenv.DatabaseURL(t))
+	setupUsers(t, ctx, s, "ann", "bob", "cat")
+	setupGroupOf(t, ctx, s, "g1", "ann", "bob", "cat")
+	_, _, _, err := s.DirectConversation(ctx, "bob", "ann", "d1", chat.Now())
+	require.NoError(t, err)
+
+	now := chat.Now()
+	msgs := []chat.Message{
+		{ID: "m1", ConversationID: "g1", Seq: 1, SenderID: "ann", Text: "a", ClientMsgID: "k1", CreatedAt: now},
+		{ID: "m2", ConversationID: "d1", Seq: 1, SenderID: "bob", Text: "b", Metadata: []byte(`{"x":1}`), CreatedAt: now},
+	}
+	w := sendWrites{convs: []string{"d1", "g1"}, convSeqs: []int64{1, 1}, convAts: []time.Time{now, now},
+		readCids: []string{"g1", "d1"}, readUids: []string{"ann", "bob"}, readSeqs: []int64{1, 1}, msgs: msgs}
+	evs := make([]chat.OutboxEvent, len(msgs))
+	for i, m := range msgs {
+		evs[i] = chat.OutboxEvent{ConversationID: m.ConversationID, Type: chat.EventMessageCreated, Seq: m.Seq,
+			Data: []byte(`{}`), CreatedAt: now}
+	}
+	writeArgs, err := s.writeSendsArgs(&w, evs)
+	require.NoError(t, err)
+	nulls := pq.Array([]sql.NullString{{String: "k1", Valid: true}, {}})
+	statements := []struct {
+		name string
+		sql  string
+		args []any
+	}{
+		{"lock", s.d.lockSQL(), []any{s.d.texts([]string{"d1", "g1"})}},
+		{"check", s.d.checkSQL(), []any{pq.Array([]string{"g1", "d1"}), pq.Array([]string{"ann", "bob"}), nulls,
+			pq.Array([]sql.NullString{{}, {String: `{"x":1}`, Valid: true}})}},
+		{"write", writeSendsPostgres, writeArgs},
+	}
+
+	tx, err := s.db.BeginTxx(ctx, nil)
+	require.NoError(t, err)
+	defer func() { _ = tx.Rollback() }()
+	_, err = tx.ExecContext(ctx, batchPlans)
+	require.NoError(t, err)
+	for _, st := range statements {
+		var lines []string
+		require.NoError(t, tx.SelectContext(ctx, &lines, "EXPLAIN "+st.sql, st.args...), st.name)
+		plan := strings.Join(lines, "\n")
+		for _, bad := range []string{"Seq Scan", "Hash Join", "Merge Join"} {
+			assert.NotContains(t, plan, bad, "%s:\n%s", st.name, plan)
+		}
+		assert.Contains(t, plan, "Index", "%s:\n%s", st.name, plan)
+	}
 }
