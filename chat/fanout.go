@@ -26,7 +26,7 @@ import (
 //     messages of groups with at least Config.FanoutFast members once, to
 //     every node (TopicFanout), each group's with its recipients.
 //  2. Each node hands every message to its own streams of those recipients
-//     (localStreams), in memory.
+//     (localStreams), in memory, and to their long polls that wait (Poll).
 //  3. A stream delivers a message from there only if it is the next seq of
 //     its conversation after the last one it has (streamState.last: from
 //     the log, or delivered ahead), and marks the conversation ahead of its

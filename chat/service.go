@@ -106,6 +106,9 @@ type Hooks struct {
 	// path delivers: a test of the fast path cannot pass through the
 	// sweeper's retries.
 	NoSweeper bool
+	// PollWaiting is called with the user's id when a long poll has read
+	// its log and starts to wait, so that a test can send only then.
+	PollWaiting func(userID string)
 }
 
 // Service is the use cases. It is safe for concurrent use.

@@ -93,21 +93,7 @@ func (s *Service) Stream(ctx context.Context, p Principal, lastEventID string, s
 				return err
 			}
 		case <-ib.wake:
-			if !st.asked {
-				// Where the log stands in each conversation, so that the
-				// fast path can continue them (asked only by streams that
-				// get fast-path messages).
-				if head, seqs, err := s.rt.HeadSeqs(ctx, p.UserID); err == nil {
-					st.knowLog(head, seqs)
-				}
-			}
-			var evs []StreamEvent
-			for _, m := range ib.take() {
-				if ev, ok := st.early(m); ok {
-					evs = append(evs, ev)
-				}
-			}
-			if len(evs) > 0 {
+			if evs := s.earlyEvents(ctx, st, ib); len(evs) > 0 {
 				if err := sink.Send(evs); err != nil {
 					return err
 				}
@@ -167,6 +153,26 @@ func (s *Service) startCursor(ctx context.Context, uid, lastEventID string) (Cur
 	return Cursor{Pos: head}, nil, nil
 }
 
+// earlyEvents takes the fast path's messages from ib and returns, as
+// events, those that continue the stream's conversations (streamState.early).
+func (s *Service) earlyEvents(ctx context.Context, st *streamState, ib *inbox) []StreamEvent {
+	if !st.asked {
+		// Where the log stands in each conversation, so that the fast path
+		// can continue them (asked only by streams that get fast-path
+		// messages).
+		if head, seqs, err := s.rt.HeadSeqs(ctx, st.uid); err == nil {
+			st.knowLog(head, seqs)
+		}
+	}
+	var evs []StreamEvent
+	for _, m := range ib.take() {
+		if ev, ok := st.early(m); ok {
+			evs = append(evs, ev)
+		}
+	}
+	return evs
+}
+
 // drain writes everything in the log after the stream's position. Redis
 // errors keep the stream open: the next wake-up or heartbeat reads again.
 func (s *Service) drain(ctx context.Context, st *streamState, sink Sink) error {
@@ -204,16 +210,26 @@ func (s *Service) drain(ctx context.Context, st *streamState, sink Sink) error {
 
 // Poll is the stream for scripts: the events after lastEventID, waiting up
 // to timeout for the first one. It returns the event id to poll from next.
-// It reads the log only; an event id from a stream that was ahead of its
-// log (Cursor) is honoured all the same.
+// An event id from a stream that was ahead of its log (Cursor) is honoured.
+// While it waits, a poll takes the fast path's messages of large groups
+// as a stream does (fanout.go), so that it does not wait for the rounds in
+// which their logs take them (up to fanoutGather); otherwise it reads the
+// log.
 func (s *Service) Poll(ctx context.Context, p Principal, lastEventID string, timeout time.Duration) ([]StreamEvent, string, error) {
-	var sub Subscription
+	var (
+		sub   Subscription
+		ib    *inbox
+		early <-chan struct{} // nil, never ready, for a poll that does not wait
+	)
 	if timeout > 0 {
 		var err error
 		if sub, err = s.rt.Subscribe(ctx, p.UserID); err != nil {
 			return nil, "", Unavailable("event stream", err)
 		}
 		defer sub.Close()
+		ib = s.local.add(p.UserID)
+		defer s.local.remove(p.UserID, ib)
+		early = ib.wake
 	}
 	cur, resync, err := s.startCursor(ctx, p.UserID, lastEventID)
 	if err != nil {
@@ -244,15 +260,22 @@ func (s *Service) Poll(ctx context.Context, p Principal, lastEventID string, tim
 			return nil, "", Unavailable("event stream", err)
 		}
 		n := len(evs)
-		evs = st.logged(evs, next)
+		evs = append(st.logged(evs, next), st.flush()...)
 		if len(evs) > 0 || sub == nil || n == readBatch {
 			return nonNil(evs), st.cursor(), nil
+		}
+		if s.hooks.PollWaiting != nil {
+			s.hooks.PollWaiting(p.UserID)
 		}
 		select {
 		case <-ctx.Done():
 			return []StreamEvent{}, st.cursor(), nil
 		case <-deadline:
 			return []StreamEvent{}, st.cursor(), nil
+		case <-early:
+			if evs := s.earlyEvents(ctx, st, ib); len(evs) > 0 {
+				return evs, st.cursor(), nil
+			}
 		case <-sub.Wake():
 		case ev, ok := <-sub.Events():
 			if ok && ev.Type != eventEndToken {

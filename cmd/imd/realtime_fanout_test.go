@@ -2,7 +2,10 @@ package main
 
 import (
 	"fmt"
+	"io"
+	"net/http"
 	"net/url"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -113,4 +116,107 @@ func TestRealtimeFanoutFastPath(t *testing.T) {
 		}
 		return found
 	}, "seq 31 in dave's log")
+}
+
+// TestRealtimeFanoutLongPoll: a long poll answers with a large group's next
+// message from the fast path, without waiting for the member's log, which
+// takes such messages in rounds of up to half a second (here: never, the
+// dispatcher drops them and no sweeper runs); a poll from the id it
+// returned neither repeats that message nor misses the next one, which
+// comes through the log.
+func TestRealtimeFanoutLongPoll(t *testing.T) {
+	t.Parallel()
+	var hold atomic.Bool
+	waiting := make(chan string, 64)
+	n := newCluster(t).start(t, nodeOpts{env: map[string]string{"IMD_FANOUT_FAST": "2"}, hooks: chat.Hooks{
+		NoSweeper: true,
+		SkipFastDispatch: func(ev chat.OutboxEvent) bool {
+			return hold.Load() && ev.Type == chat.EventMessageCreated
+		},
+		PollWaiting: func(uid string) {
+			select {
+			case waiting <- uid:
+			default:
+			}
+		},
+	}})
+	alice := rtProvision(t, n.URL, "alice")
+	bob := rtProvision(t, n.URL, "bob")
+	cid := rtGroup(t, alice.client, "bob")
+	_, start := rtPoll(t, bob.client, "")
+
+	// m1 through the log: the poll below starts after it.
+	rtSend(t, alice.client, cid, "m1")
+	var last string
+	testenv.Eventually(t, 15*time.Second, func() bool {
+		evs, next := rtPoll(t, bob.client, "last_event_id="+url.QueryEscape(start))
+		for _, m := range rtMsgs(t, evs) {
+			if m.ConversationID == cid && m.Seq == 1 {
+				last = next
+				return true
+			}
+		}
+		return false
+	}, "m1 in bob's log")
+
+	// m2 only through the fast path, sent once the poll waits.
+	hold.Store(true)
+	type answer struct {
+		status int
+		body   []byte
+		err    error
+	}
+	done := make(chan answer, 1)
+	go func() { // not client.do: it may not fail the test from here
+		req, err := http.NewRequest("GET", n.URL+"/v1/events?poll=1&timeout=30&last_event_id="+url.QueryEscape(last), nil)
+		if err != nil {
+			done <- answer{err: err}
+			return
+		}
+		req.Header.Set("Authorization", "Bearer "+bob.Token)
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			done <- answer{err: err}
+			return
+		}
+		defer res.Body.Close()
+		body, err := io.ReadAll(res.Body)
+		done <- answer{res.StatusCode, body, err}
+	}()
+	select {
+	case uid := <-waiting:
+		require.Equal(t, "bob", uid)
+	case <-time.After(15 * time.Second):
+		t.Fatal("the long poll did not start waiting")
+	}
+	rtSend(t, alice.client, cid, "m2")
+	var a answer
+	select {
+	case a = <-done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("the long poll did not answer with m2 (its log never gets it: only the fast path could)")
+	}
+	require.NoError(t, a.err)
+	require.Equal(t, 200, a.status, "%s", a.body)
+	evs, next := rtDecodePoll(t, a.body)
+	msgs := rtMsgs(t, evs)
+	require.Len(t, msgs, 1, "%+v", evs)
+	require.Equal(t, int64(2), msgs[0].Seq)
+	require.Equal(t, next, evs[0].ID, "the id to poll from next is the message's")
+	cur, err := chat.ParseCursor(next)
+	require.NoError(t, err)
+	require.Equal(t, []chat.Ahead{{ConversationID: cid, Seq: 2}}, cur.Ahead, "the id says the poll was ahead of its log")
+
+	// m3 through the log again: from m2's id, a poll finds m3 and never m2.
+	hold.Store(false)
+	rtSend(t, alice.client, cid, "m3")
+	testenv.Eventually(t, 15*time.Second, func() bool {
+		evs, _ := rtPoll(t, bob.client, "last_event_id="+url.QueryEscape(next))
+		found := false
+		for _, m := range rtMsgs(t, evs) {
+			require.Greater(t, m.Seq, int64(2), "a poll repeated what the id says was delivered")
+			found = found || m.Seq == 3
+		}
+		return found
+	}, "m3 in bob's log")
 }
