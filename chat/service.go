@@ -100,7 +100,9 @@ type Hasher interface {
 type Hooks struct {
 	// SkipFastDispatch, when it returns true, drops an event from the fast
 	// path as if the node died right after the commit; the sweeper must
-	// deliver it.
+	// deliver it. It stops only the dispatch to the logs: the fan-out
+	// fast path (fanout.go) still broadcasts a large group's message,
+	// which is how a test sees that path alone.
 	SkipFastDispatch func(OutboxEvent) bool
 	// NoSweeper stops this node's outbox sweeper, so that only the fast
 	// path delivers: a test of the fast path cannot pass through the
