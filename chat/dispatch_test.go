@@ -1,0 +1,152 @@
+package chat
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// testQueue returns a worker queue holding its, queued as enqueue would.
+func testQueue(its ...queued) *workQueue {
+	q := &workQueue{ch: make(chan queued, queueDepth)}
+	for _, it := range its {
+		if it.urgent {
+			q.urgent.Add(1)
+		}
+		q.ch <- it
+	}
+	return q
+}
+
+func coveredMsg(id int64) queued {
+	return queued{ev: OutboxEvent{ID: id, ConversationID: "big", Type: EventMessageCreated, Seq: id}}
+}
+
+func urgentMsg(id int64) queued {
+	return queued{ev: OutboxEvent{ID: id, ConversationID: "dm", Type: EventMessageCreated, Seq: id}, urgent: true}
+}
+
+func ids(evs []OutboxEvent) []int64 {
+	out := []int64{}
+	for _, ev := range evs {
+		out = append(out, ev.ID)
+	}
+	return out
+}
+
+// TestDispatchRound: a round of fast-path messages waits for more of them
+// until its gather ends; an urgent event (anything the live streams did not
+// get from the fast path) ends the wait at once, also when it was queued
+// behind the first message and taken without waiting. The gather here is
+// an hour, so a round that waited for it would end only with the test's
+// context (ok false).
+func TestDispatchRound(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	d := &dispatcher{gather: time.Hour}
+
+	q := testQueue(coveredMsg(1), urgentMsg(2), coveredMsg(3))
+	batch, fast, ok := d.round(ctx, q, nil)
+	require.True(t, ok, "the urgent event queued behind a fast-path message did not end the gather")
+	require.False(t, fast)
+	require.Equal(t, []int64{1, 2, 3}, ids(batch))
+	require.Zero(t, q.urgent.Load(), "urgent events counted out as taken")
+
+	q = testQueue(coveredMsg(1), coveredMsg(2))
+	go func() { q.urgent.Add(1); q.ch <- urgentMsg(3) }()
+	batch, fast, ok = d.round(ctx, q, nil)
+	require.True(t, ok, "an urgent event arriving during the gather did not end it")
+	require.False(t, fast)
+	require.Equal(t, []int64{1, 2, 3}, ids(batch))
+
+	q = testQueue(urgentMsg(1), coveredMsg(2))
+	batch, fast, ok = d.round(ctx, q, nil)
+	require.True(t, ok, "a round that starts urgent does not gather")
+	require.False(t, fast)
+	require.Equal(t, []int64{1, 2}, ids(batch))
+
+	d.gather = time.Millisecond
+	q = testQueue(coveredMsg(1), coveredMsg(2), coveredMsg(3))
+	batch, fast, ok = d.round(ctx, q, nil)
+	require.True(t, ok)
+	require.True(t, fast, "a round of only fast-path messages")
+	require.Equal(t, []int64{1, 2, 3}, ids(batch))
+
+	var full []queued
+	for i := range maxBatch + 1 {
+		full = append(full, coveredMsg(int64(i+1)))
+	}
+	d.gather = time.Hour
+	batch, fast, ok = d.round(ctx, testQueue(full...), nil)
+	require.True(t, ok, "a full round does not wait")
+	require.True(t, fast)
+	require.Len(t, batch, maxBatch)
+}
+
+// appendRecorder is a Realtime whose Append records its calls; nothing
+// else of it may be used.
+type appendRecorder struct {
+	Realtime
+	calls [][]Delivery
+}
+
+func (r *appendRecorder) Append(_ context.Context, ds []Delivery) ([]Gap, error) {
+	r.calls = append(r.calls, ds)
+	return nil, nil
+}
+
+// TestAppendRoundPaced: a paced round is appended in steps of at most
+// paceUsers users, each user's entries in one step and in order, with a
+// pause between steps while paced says so and none once it does not; an
+// unpaced round is one Append.
+func TestAppendRoundPaced(t *testing.T) {
+	ctx := context.Background()
+	const users = 150 // three steps: 64, 64, 22
+	entries := []*LogEntry{{Key: "e1"}, {Key: "e2"}}
+	var ds []Delivery
+	for _, e := range entries { // as deliver builds them: by event, then user
+		for u := range users {
+			ds = append(ds, Delivery{UserID: fmt.Sprint("u", u), Entry: e})
+		}
+	}
+	rec := &appendRecorder{}
+	var pauses []time.Duration
+	d := &dispatcher{s: &Service{rt: rec}, pause: func(_ context.Context, d time.Duration) { pauses = append(pauses, d) }}
+
+	require.NoError(t, d.appendRound(ctx, ds, nil))
+	require.Equal(t, [][]Delivery{ds}, rec.calls)
+	require.Empty(t, pauses)
+
+	for _, waiting := range []bool{false, true} {
+		rec.calls, pauses = nil, nil
+		require.NoError(t, d.appendRound(ctx, ds, func() bool { return !waiting }))
+		require.Len(t, rec.calls, 3)
+		stepOf := map[string]int{}
+		got := map[string][]*LogEntry{}
+		for i, call := range rec.calls {
+			inStep := map[string]bool{}
+			for _, dl := range call {
+				inStep[dl.UserID] = true
+				if j, ok := stepOf[dl.UserID]; ok {
+					require.Equal(t, j, i, "%s's entries split over two steps", dl.UserID)
+				}
+				stepOf[dl.UserID] = i
+				got[dl.UserID] = append(got[dl.UserID], dl.Entry)
+			}
+			require.LessOrEqual(t, len(inStep), paceUsers)
+		}
+		require.Len(t, got, users)
+		for u, es := range got {
+			require.Equal(t, entries, es, "%s's entries, in order", u)
+		}
+		if waiting {
+			require.Empty(t, pauses, "no pause while an urgent event waits")
+		} else {
+			gap := min(paceStep, paceWithin/2)
+			require.Equal(t, []time.Duration{gap, gap}, pauses)
+		}
+	}
+}
