@@ -5,6 +5,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -219,4 +220,86 @@ func TestRealtimeFanoutLongPoll(t *testing.T) {
 		}
 		return found
 	}, "m3 in bob's log")
+}
+
+// TestRealtimeFanoutLongEventID: a stream ahead of its log in maxAhead (4)
+// large groups writes event ids longer than a bare position; a client
+// resumes from the last one, as a Last-Event-ID header and as a poll's
+// last_event_id, and gets each group's next message once and nothing it
+// had. The logs never get the first round (dropped, no sweeper), so the
+// stream stays ahead in all four groups.
+func TestRealtimeFanoutLongEventID(t *testing.T) {
+	t.Parallel()
+	var hold atomic.Bool
+	hold.Store(true)
+	n := newCluster(t).start(t, nodeOpts{env: map[string]string{"IMD_FANOUT_FAST": "2"}, hooks: chat.Hooks{
+		NoSweeper: true,
+		SkipFastDispatch: func(ev chat.OutboxEvent) bool {
+			return hold.Load() && ev.Type == chat.EventMessageCreated
+		},
+	}})
+	alice := rtProvision(t, n.URL, "alice")
+	bob := rtProvision(t, n.URL, "bob")
+	var cids []string
+	for range 4 {
+		cids = append(cids, rtGroup(t, alice.client, "bob"))
+	}
+	s := rtOpen(t, n.URL, bob.Token, rtStreamOpts{})
+	rtWaitReady(t, s.sseStream, 10*time.Second)
+	// Each message to the four groups: the stream takes seq from each.
+	readRound := func(s *rtStream, seq int64, why string) string {
+		t.Helper()
+		got := map[string]bool{}
+		evs, last := rtWaitFor(t, s.sseStream, 15*time.Second, why, func(e sseEvent) bool {
+			if e.Type == "message.created" {
+				m := rtMsgs(t, []sseEvent{e})[0]
+				require.Equal(t, seq, m.Seq, "%s: %s seq %d", why, m.ConversationID, m.Seq)
+				got[m.ConversationID] = true
+			}
+			return len(got) == len(cids)
+		})
+		for _, e := range evs {
+			if e.Type == "message.created" {
+				require.Equal(t, seq, rtMsgs(t, []sseEvent{e})[0].Seq, why)
+			}
+		}
+		return last.ID
+	}
+	for _, cid := range cids {
+		rtSend(t, alice.client, cid, "m1")
+	}
+	id := readRound(s, 1, "the first round, from the fast path")
+	cur, err := chat.ParseCursor(id)
+	require.NoError(t, err)
+	require.Len(t, cur.Ahead, len(cids), "ahead in every group: %s", id)
+	s.Close()
+
+	// Offsets and seqs grow with a deployment's age: the same id with
+	// 12-digit seqs is well past a bare position's length, and still
+	// accepted in both places.
+	long := chat.Cursor{Pos: cur.Pos}
+	for _, a := range cur.Ahead {
+		long.Ahead = append(long.Ahead, chat.Ahead{ConversationID: a.ConversationID, Seq: 999_999_999_999})
+	}
+	require.Greater(t, len(long.String()), 128)
+	rtPoll(t, bob.client, "last_event_id="+url.QueryEscape(long.String()))
+	old := rtOpen(t, n.URL, bob.Token, rtStreamOpts{lastEventID: long.String()})
+	rtWaitReady(t, old.sseStream, 10*time.Second)
+	old.Close()
+	// Longer than any id the server writes (512): a resync, as openapi.yaml says.
+	tooLong := cur.Pos.String() + strings.Repeat("~c.1", 130)
+	rejected, _ := rtPoll(t, bob.client, "last_event_id="+url.QueryEscape(tooLong))
+	require.NotEmpty(t, rejected)
+	require.Equal(t, "resync", rejected[0].Type)
+
+	pevs, _ := rtPoll(t, bob.client, "last_event_id="+url.QueryEscape(id))
+	require.Empty(t, rtMsgs(t, pevs), "a poll from the id finds nothing it had")
+
+	resumed := rtOpen(t, n.URL, bob.Token, rtStreamOpts{lastEventID: id})
+	rtWaitReady(t, resumed.sseStream, 10*time.Second)
+	hold.Store(false)
+	for _, cid := range cids {
+		rtSend(t, alice.client, cid, "m2")
+	}
+	readRound(resumed, 2, "the next round, resumed from "+id)
 }
