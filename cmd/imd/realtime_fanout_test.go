@@ -108,15 +108,25 @@ func TestRealtimeFanoutFastPath(t *testing.T) {
 
 	// A poll from an id ahead of the log leaves out what the stream had:
 	// from dave's seq-30 id it finds seq 31 and nothing before it.
+	rtPollUntil(t, rtOn(dave, n2), dave30, cid, 30, 31)
+}
+
+// rtPollUntil polls c from id until seq want of cid comes, failing on any
+// message of cid at or below had: a poll leaves out what the id says was
+// delivered.
+func rtPollUntil(t *testing.T, c *client, id, cid string, had, want int64) {
+	t.Helper()
 	testenv.Eventually(t, 15*time.Second, func() bool {
-		pevs, _ := rtPoll(t, rtOn(dave, n2), "last_event_id="+url.QueryEscape(dave30))
+		evs, _ := rtPoll(t, c, "last_event_id="+url.QueryEscape(id))
 		found := false
-		for _, m := range rtMsgs(t, pevs) {
-			require.Greater(t, m.Seq, int64(30), "a poll repeated what the id says was delivered")
-			found = found || m.Seq == 31
+		for _, m := range rtMsgs(t, evs) {
+			if m.ConversationID == cid {
+				require.Greater(t, m.Seq, had, "a poll from %s repeated what the id says was delivered", id)
+				found = found || m.Seq == want
+			}
 		}
 		return found
-	}, "seq 31 in dave's log")
+	}, fmt.Sprintf("seq %d of %s in the log", want, cid))
 }
 
 // TestRealtimeFanoutLongPoll: a long poll answers with a large group's next
@@ -211,15 +221,7 @@ func TestRealtimeFanoutLongPoll(t *testing.T) {
 	// m3 through the log again: from m2's id, a poll finds m3 and never m2.
 	hold.Store(false)
 	rtSend(t, alice.client, cid, "m3")
-	testenv.Eventually(t, 15*time.Second, func() bool {
-		evs, _ := rtPoll(t, bob.client, "last_event_id="+url.QueryEscape(next))
-		found := false
-		for _, m := range rtMsgs(t, evs) {
-			require.Greater(t, m.Seq, int64(2), "a poll repeated what the id says was delivered")
-			found = found || m.Seq == 3
-		}
-		return found
-	}, "m3 in bob's log")
+	rtPollUntil(t, bob.client, next, cid, 2, 3)
 }
 
 // TestRealtimeFanoutLongEventID: a stream ahead of its log in maxAhead (4)
