@@ -92,6 +92,20 @@ func recvWake(t *testing.T, s chat.Subscription, timeout time.Duration, what str
 	}
 }
 
+// listeningAlice opens a Redis adapter of the test's own and subscribes
+// alice, with no wake-up pending; head is her log's position.
+func listeningAlice(t *testing.T) (*realtime.Redis, chat.Subscription, chat.Position) {
+	t.Helper()
+	rt := openRedis(t, testenv.RedisURL(t), testenv.KeyPrefix(t))
+	s, err := rt.Subscribe(context.Background(), "alice")
+	require.NoError(t, err)
+	t.Cleanup(s.Close)
+	head, err := rt.Head(context.Background(), "alice")
+	require.NoError(t, err)
+	drainWake(s)
+	return rt, s, head
+}
+
 func drainWake(s chat.Subscription) {
 	select {
 	case <-s.Wake():
@@ -479,14 +493,9 @@ func BenchmarkAppend(b *testing.B) {
 // oversized batch) Since says so and the log is read instead.
 func TestWakeUpsCarryEntries(t *testing.T) {
 	t.Parallel()
-	rt := openRedis(t, testenv.RedisURL(t), testenv.KeyPrefix(t))
 	ctx := context.Background()
-	s, err := rt.Subscribe(ctx, "alice")
-	require.NoError(t, err)
-	t.Cleanup(s.Close)
-	head, err := rt.Head(ctx, "alice")
-	require.NoError(t, err)
-	drainWake(s)
+	rt, s, head := listeningAlice(t)
+	var err error
 
 	// Two appends, each its own wake-up: both carried, in order, with the ids
 	// the log gives them.
@@ -555,14 +564,9 @@ func TestWakeUpsCarryEntries(t *testing.T) {
 // A round with anything else is an empty wake-up, as before.
 func TestSummaryWakeUps(t *testing.T) {
 	t.Parallel()
-	rt := openRedis(t, testenv.RedisURL(t), testenv.KeyPrefix(t))
 	ctx := context.Background()
-	s, err := rt.Subscribe(ctx, "alice")
-	require.NoError(t, err)
-	t.Cleanup(s.Close)
-	head, err := rt.Head(ctx, "alice")
-	require.NoError(t, err)
-	drainWake(s)
+	rt, s, head := listeningAlice(t)
+	var err error
 	msg := func(cid string, seq int64) chat.Delivery {
 		return chat.Delivery{UserID: "alice", Entry: &chat.LogEntry{Key: fmt.Sprint("m", cid, seq), Type: chat.EventMessageCreated,
 			ConversationID: cid, Seq: seq, Data: []byte(`{"text":"` + strings.Repeat("x", 500) + `"}`)}}
