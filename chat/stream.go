@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"math/rand/v2"
 	"time"
 )
 
@@ -38,6 +39,18 @@ const readBatch = 500
 // query a minute instead of a script every heartbeat.
 const backstopEvery = 4
 
+// beatPhase returns when a new stream beats first, within one period, and
+// where in the backstop cycle it starts. Streams that open together (every
+// client reconnects within seconds after a deploy or a network blip) would
+// otherwise beat together for as long as they live: each heartbeat a
+// presence refresh per stream in the same instant, and each backstop a log
+// read and a token query per stream at once. With random phases the same
+// work spreads evenly over the period (and the backstops over backstopEvery
+// periods); a first ping sooner than a full period costs nothing.
+func beatPhase(every time.Duration) (first time.Duration, beats int) {
+	return every - rand.N(every), rand.IntN(backstopEvery)
+}
+
 // Stream serves one live event stream until ctx ends, the token is revoked,
 // or the sink fails. It subscribes before reading the log, so nothing
 // committed in between is missed; replays from lastEventID, sends ready,
@@ -70,9 +83,9 @@ func (s *Service) Stream(ctx context.Context, p Principal, lastEventID string, s
 	if err := sink.Send([]StreamEvent{readyEvent(st.cursor())}); err != nil {
 		return err
 	}
-	hb := time.NewTicker(s.cfg.Heartbeat)
+	first, beats := beatPhase(s.cfg.Heartbeat)
+	hb := time.NewTicker(first)
 	defer hb.Stop()
-	beats := 0
 	for {
 		select {
 		case <-ctx.Done():
@@ -112,6 +125,10 @@ func (s *Service) Stream(ctx context.Context, p Principal, lastEventID string, s
 				return err
 			}
 		case <-hb.C:
+			if first != 0 {
+				first = 0
+				hb.Reset(s.cfg.Heartbeat) // from the phase on, every period
+			}
 			if err := sink.Ping(); err != nil {
 				return err
 			}
