@@ -178,6 +178,36 @@ func TestSSESinkWriteTimeout(t *testing.T) {
 	}
 }
 
+// TestSSESinkRearm: the write deadline is moved only once less than 3/4 of
+// the timeout is left, so every write starts with at least that much time
+// and a stream that writes all the time sets it a few times per timeout,
+// not per write.
+func TestSSESinkRearm(t *testing.T) {
+	const timeout = 8 * time.Second
+	k := &sseSink{timeout: timeout}
+	t0 := time.Unix(1_000_000, 0)
+	sets := 0
+	for now := t0; now.Before(t0.Add(10 * timeout)); now = now.Add(10 * time.Millisecond) {
+		if d, ok := k.rearm(now); ok {
+			sets++
+			if !d.Equal(now.Add(timeout)) {
+				t.Fatalf("deadline %v at %v, want now + timeout", d, now)
+			}
+		}
+		if left := k.deadline.Sub(now); left < timeout*3/4 || left > timeout {
+			t.Fatalf("a write at %v has %v before its deadline", now.Sub(t0), left)
+		}
+	}
+	// Every 2 s (a quarter of the timeout) over 80 s, plus the first.
+	if sets < 40 || sets > 41 {
+		t.Fatalf("deadline set %d times in 8000 writes over 80 s, want 40 or 41", sets)
+	}
+	// An idle gap longer than the timeout: the next write gets a new one.
+	if d, ok := k.rearm(k.deadline.Add(time.Hour)); !ok || d.Before(k.deadline) {
+		t.Fatal("a write after a long pause kept an expired deadline")
+	}
+}
+
 // Where the connection cannot be taken over (here a recorder; in
 // production HTTP/2), the stream is written through the ResponseWriter as
 // before, and the handler keeps it.
