@@ -15,7 +15,8 @@ import (
 
 // SSE wire constants.
 const (
-	// retryMillis is the reconnect delay EventSource uses after a drop.
+	// retryMillis is the mean reconnect delay EventSource uses after a
+	// drop; each stream gets its own within ±50 % of it (reconnectDelay).
 	retryMillis = 2000
 	// DefaultStreamWriteTimeout bounds one write to a stream: a client that does not read
 	// for this long is disconnected instead of buffered for (DESIGN.md §6).

@@ -3,6 +3,7 @@ package handlers
 import (
 	"bytes"
 	"context"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"strconv"
@@ -74,6 +75,7 @@ type sseSink struct {
 	failed   bool     // a write failed: the body cannot be ended cleanly
 	// sentRetry: the reconnect delay went out (with the first frame).
 	sentRetry bool
+	retry     int // the reconnect delay, ms (reconnectDelay)
 
 	// deadline is the write deadline set last (zero: none yet); see rearm.
 	deadline time.Time
@@ -84,7 +86,17 @@ type sseSink struct {
 
 func newSSESink(w http.ResponseWriter, r *http.Request, timeout time.Duration, cancel context.CancelFunc) *sseSink {
 	return &sseSink{w: w, rc: http.NewResponseController(w), http11: r.ProtoAtLeast(1, 1), timeout: timeout,
-		cancel: cancel, detached: make(chan struct{})}
+		cancel: cancel, detached: make(chan struct{}), retry: reconnectDelay()}
+}
+
+// reconnectDelay picks a stream's retry: delay, uniformly within ±50 % of
+// retryMillis. When a node stops, all its clients see their streams drop in
+// the same instant; with one fixed delay they would all come back in the
+// same millisecond, to whichever nodes remain, each reconnection an
+// authentication, a subscription and a log read. Spread, the same
+// reconnections arrive over a second or two.
+func reconnectDelay() int {
+	return retryMillis/2 + rand.IntN(retryMillis+1)
 }
 
 // start sends nothing yet: it fixes the headers and takes the connection.
@@ -189,7 +201,9 @@ func (k *sseSink) begin() []byte {
 	b := append((*k.frame)[:0], make([]byte, k.reserve)...)
 	if !k.sentRetry {
 		k.sentRetry = true
-		b = append(b, "retry: "+strconv.Itoa(retryMillis)+"\n\n"...)
+		b = append(b, "retry: "...)
+		b = strconv.AppendInt(b, int64(k.retry), 10)
+		b = append(b, "\n\n"...)
 	}
 	return b
 }

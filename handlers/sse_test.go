@@ -28,6 +28,7 @@ func sseTestServer(t *testing.T, timeout time.Duration) (addr string, ended <-ch
 		w.Header().Set("Access-Control-Allow-Origin", "https://app.example") // as middleware would
 		ctx, cancel := context.WithCancel(context.Background())
 		sink := newSSESink(w, r, timeout, cancel)
+		sink.retry = 2000 // wantFrames'
 		ev := chat.StreamEvent{ID: "5-0", Type: "message.created", Data: json.RawMessage(`{"seq":5}`)}
 		if err := sink.Send([]chat.StreamEvent{ev}); err != nil {
 			t.Errorf("first send: %v", err)
@@ -178,6 +179,25 @@ func TestSSESinkWriteTimeout(t *testing.T) {
 	}
 }
 
+// TestReconnectDelaySpread: streams tell their clients different reconnect
+// delays, spread evenly within ±50 % of retryMillis, so that the clients of
+// a node that stops do not all come back in the same instant.
+func TestReconnectDelaySpread(t *testing.T) {
+	var quarters [4]int
+	for range 2000 {
+		d := newSSESink(httptest.NewRecorder(), httptest.NewRequest(http.MethodGet, "/v1/events", nil), time.Second, func() {}).retry
+		if d < retryMillis/2 || d > retryMillis*3/2 {
+			t.Fatalf("retry %d ms, want %d to %d", d, retryMillis/2, retryMillis*3/2)
+		}
+		quarters[min((d-retryMillis/2)*4/retryMillis, 3)]++
+	}
+	for q, n := range quarters {
+		if n < 300 { // ~500 each; under 300 has a chance below 1e-40
+			t.Errorf("%d of 2000 delays in quarter %d of the range", n, q)
+		}
+	}
+}
+
 // TestSSESinkRearm: the write deadline is moved only once less than 3/4 of
 // the timeout is left, so every write starts with at least that much time
 // and a stream that writes all the time sets it a few times per timeout,
@@ -215,6 +235,7 @@ func TestSSESinkWithoutHijack(t *testing.T) {
 	w := httptest.NewRecorder()
 	r := httptest.NewRequest(http.MethodGet, "/v1/events", nil)
 	sink := newSSESink(w, r, time.Second, func() {})
+	sink.retry = 2000 // wantFrames'
 	ev := chat.StreamEvent{ID: "5-0", Type: "message.created", Data: json.RawMessage(`{"seq":5}`)}
 	if err := sink.Send([]chat.StreamEvent{ev}); err != nil {
 		t.Fatal(err)
