@@ -2,12 +2,14 @@ package main
 
 import (
 	"fmt"
+	"net/url"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 
 	"imd/chat"
+	"imd/internal/testenv"
 )
 
 // One-node counterparts of the Services tests that need distinct nodes
@@ -108,6 +110,25 @@ func TestRealtimeRestart(t *testing.T) {
 	require.EqualValues(t, 4, m.Seq, "seq continues")
 
 	if c.embedded {
+		// Message 4 is committed, but its dispatch to the new process's log
+		// is asynchronous, and that log does not know where the
+		// conversation stands for alice: the dispatch fills it from the
+		// store (the messages before 4 too, as a new log must). A stream
+		// that resynced before that dispatch would get all of them after
+		// its ready, as entries new to this log; wait for it, so that the
+		// resync's "from now" is after message 4.
+		_, head := rtPoll(t, aliceOn2, "")
+		from := rtPosition(t, head)
+		from.Offset = 0
+		testenv.Eventually(t, 20*time.Second, func() bool {
+			evs, _ := rtPoll(t, aliceOn2, "last_event_id="+url.QueryEscape(from.String()))
+			for _, msg := range rtMsgs(t, rtOfType(evs, "message.created")) {
+				if msg.ID == m.ID {
+					return true
+				}
+			}
+			return false
+		}, "message 4 in the new log")
 		s2 := rtOpen(t, n2.URL, alice.Token, rtStreamOpts{lastEventID: last.String()})
 		first := s2.next(10 * time.Second)
 		require.Equal(t, "resync", first.Type, "first event: %s", rtDescribe([]sseEvent{first}))
