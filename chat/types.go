@@ -40,8 +40,11 @@ type Token struct {
 
 // Principal is who a request acts as.
 type Principal struct {
-	UserID  string
-	TokenID string // empty for tickets' consumers that carry no token
+	UserID string
+	// TokenID is the token the caller authenticated with; a stream opened
+	// with a ticket carries the token the ticket was issued to. Streams
+	// re-check it (the backstop), so it is never empty for them.
+	TokenID string
 }
 
 // ConvType is the kind of a conversation.
