@@ -211,18 +211,7 @@ func TestRealtimePoll(t *testing.T) {
 	require.Equal(t, []int64{1, 2, 3}, rtSeqs(rtMsgs(t, got)))
 
 	// Nothing pending: it waits, and answers with the event sent meanwhile.
-	type pollResult struct {
-		status int
-		body   []byte
-		err    error
-		took   time.Duration
-	}
-	done := make(chan pollResult, 1)
-	go func() {
-		t0 := time.Now()
-		status, body, err := rtRawDo("GET", n.URL+"/v1/events?poll=1&timeout=30&last_event_id="+url.QueryEscape(pos), alice.Token, nil)
-		done <- pollResult{status, body, err, time.Since(t0)}
-	}()
+	done := rtLongPoll(n.URL, alice.Token, pos)
 	// The poll is waiting once it has subscribed to alice's channel.
 	testenv.Eventually(t, 10*time.Second, func() bool { return rtSubscribed(t, c, n, "alice") == 1 }, "the poll subscribed")
 	select {
@@ -231,14 +220,7 @@ func TestRealtimePoll(t *testing.T) {
 	default:
 	}
 	m := rtSend(t, bob.client, cid, "meanwhile")
-	var res pollResult
-	select {
-	case res = <-done:
-	case <-time.After(15 * time.Second):
-		t.Fatal("the poll did not answer within 15s of the send")
-	}
-	require.NoError(t, res.err)
-	require.Equal(t, 200, res.status, "%s", res.body)
+	res := rtAwaitPoll(t, done, "the event sent meanwhile")
 	require.Less(t, res.took, 25*time.Second, "answered by the event, not the timeout")
 	evs, last := rtDecodePoll(t, res.body)
 	require.Equal(t, 1, len(evs), "%s", res.body)

@@ -2,8 +2,6 @@ package main
 
 import (
 	"fmt"
-	"io"
-	"net/http"
 	"net/url"
 	"strings"
 	"sync/atomic"
@@ -172,28 +170,7 @@ func TestRealtimeFanoutLongPoll(t *testing.T) {
 
 	// m2 only through the fast path, sent once the poll waits.
 	hold.Store(true)
-	type answer struct {
-		status int
-		body   []byte
-		err    error
-	}
-	done := make(chan answer, 1)
-	go func() { // not client.do: it may not fail the test from here
-		req, err := http.NewRequest("GET", n.URL+"/v1/events?poll=1&timeout=30&last_event_id="+url.QueryEscape(last), nil)
-		if err != nil {
-			done <- answer{err: err}
-			return
-		}
-		req.Header.Set("Authorization", "Bearer "+bob.Token)
-		res, err := http.DefaultClient.Do(req)
-		if err != nil {
-			done <- answer{err: err}
-			return
-		}
-		defer res.Body.Close()
-		body, err := io.ReadAll(res.Body)
-		done <- answer{res.StatusCode, body, err}
-	}()
+	done := rtLongPoll(n.URL, bob.Token, last)
 	select {
 	case uid := <-waiting:
 		require.Equal(t, "bob", uid)
@@ -201,14 +178,7 @@ func TestRealtimeFanoutLongPoll(t *testing.T) {
 		t.Fatal("the long poll did not start waiting")
 	}
 	rtSend(t, alice.client, cid, "m2")
-	var a answer
-	select {
-	case a = <-done:
-	case <-time.After(15 * time.Second):
-		t.Fatal("the long poll did not answer with m2 (its log never gets it: only the fast path could)")
-	}
-	require.NoError(t, a.err)
-	require.Equal(t, 200, a.status, "%s", a.body)
+	a := rtAwaitPoll(t, done, "m2 (its log never gets it: only the fast path could)")
 	evs, next := rtDecodePoll(t, a.body)
 	msgs := rtMsgs(t, evs)
 	require.Len(t, msgs, 1, "%+v", evs)

@@ -81,6 +81,41 @@ func rtSend(t *testing.T, c *client, cid, text string) chat.Message {
 
 // rawDo is an HTTP call for goroutines other than the test's: it returns
 // errors instead of failing the test.
+// rtPollAnswer is what a long poll started with rtLongPoll answered.
+type rtPollAnswer struct {
+	status int
+	body   []byte
+	err    error
+	took   time.Duration
+}
+
+// rtLongPoll starts GET /v1/events?poll=1&timeout=30 from pos in the
+// background; its answer comes on the channel (rtAwaitPoll). It uses
+// rtRawDo, not client.do: it may not fail the test from its goroutine.
+func rtLongPoll(base, token, pos string) <-chan rtPollAnswer {
+	done := make(chan rtPollAnswer, 1)
+	go func() {
+		t0 := time.Now()
+		status, body, err := rtRawDo("GET", base+"/v1/events?poll=1&timeout=30&last_event_id="+url.QueryEscape(pos), token, nil)
+		done <- rtPollAnswer{status, body, err, time.Since(t0)}
+	}()
+	return done
+}
+
+// rtAwaitPoll waits up to 15 s for a long poll's answer, which must be a 200.
+func rtAwaitPoll(t *testing.T, done <-chan rtPollAnswer, what string) rtPollAnswer {
+	t.Helper()
+	var a rtPollAnswer
+	select {
+	case a = <-done:
+	case <-time.After(15 * time.Second):
+		t.Fatalf("the long poll did not answer within 15s: %s", what)
+	}
+	require.NoError(t, a.err)
+	require.Equal(t, 200, a.status, "%s", a.body)
+	return a
+}
+
 func rtRawDo(method, u, token string, body any, headers ...string) (int, []byte, error) {
 	var rd io.Reader
 	if body != nil {
