@@ -61,6 +61,7 @@ func Run(t *testing.T, h Harness) {
 		{"EventLog/DedupeBySeq", testDedupeBySeq},
 		{"EventLog/ConversationOrder", testConversationOrder},
 		{"EventLog/SeveralUsersOneCall", testSeveralUsers},
+		{"EventLog/SharedRound", testSharedRound},
 		{"EventLog/Baseline", testBaseline},
 		{"EventLog/Forget", testForget},
 		{"EventLog/HeadSeqs", testHeadSeqs},
@@ -293,6 +294,59 @@ func testSeveralUsers(t *testing.T, h Harness) {
 		head, err := rt.Head(ctx, uid)
 		require.NoError(t, err)
 		require.Equal(t, want, seqsOf(t, readAll(t, rt, uid, chat.Position{Epoch: head.Epoch}), "c1"), uid)
+	}
+}
+
+// testSharedRound: a dispatcher round of a group, every member given the
+// same entries, several messages in one call, to logs that stand at
+// different places. Each log takes what continues it and reports the rest,
+// as it would message by message.
+func testSharedRound(t *testing.T, h Harness) {
+	rt := h.New(t)
+	ctx := ctxFor(t)
+	appendOK(t, rt, msg("alice", "c1", 1), msg("alice", "c1", 2))                  // right before the round
+	appendOK(t, rt, msg("bob", "c1", 1), msg("bob", "c1", 2), msg("bob", "c1", 3)) // has its first already
+	appendOK(t, rt, msg("dave", "c1", 1))                                          // a message behind
+	round := func(users []string, seqs ...int64) []chat.Delivery {
+		var ds []chat.Delivery
+		for _, seq := range seqs {
+			e := msg("", "c1", seq).Entry
+			for _, uid := range users {
+				ds = append(ds, chat.Delivery{UserID: uid, Entry: e})
+			}
+		}
+		return ds
+	}
+	gaps, err := rt.Append(ctx, round([]string{"alice", "bob", "carol", "dave"}, 3, 4, 5))
+	require.NoError(t, err)
+	require.Equal(t, []chat.Gap{
+		{UserID: "carol", ConversationID: "c1", LastSeq: -1, Seq: 3},
+		{UserID: "carol", ConversationID: "c1", LastSeq: -1, Seq: 4},
+		{UserID: "carol", ConversationID: "c1", LastSeq: -1, Seq: 5},
+		{UserID: "dave", ConversationID: "c1", LastSeq: 1, Seq: 3},
+		{UserID: "dave", ConversationID: "c1", LastSeq: 1, Seq: 4},
+		{UserID: "dave", ConversationID: "c1", LastSeq: 1, Seq: 5},
+	}, gaps)
+	// Not consecutive: what continues the log is taken, the rest reported.
+	gaps, err = rt.Append(ctx, round([]string{"alice", "bob"}, 6, 8))
+	require.NoError(t, err)
+	require.Equal(t, []chat.Gap{
+		{UserID: "alice", ConversationID: "c1", LastSeq: 6, Seq: 8},
+		{UserID: "bob", ConversationID: "c1", LastSeq: 6, Seq: 8},
+	}, gaps)
+
+	want := map[string][]int64{"alice": {1, 2, 3, 4, 5, 6}, "bob": {1, 2, 3, 4, 5, 6}, "carol": nil, "dave": {1}}
+	for uid, seqs := range want {
+		head, err := rt.Head(ctx, uid)
+		require.NoError(t, err)
+		evs := readAll(t, rt, uid, chat.Position{Epoch: head.Epoch})
+		require.Equal(t, seqs, seqsOf(t, evs, "c1"), uid)
+		require.EqualValues(t, len(seqs), head.Offset, "%s: one entry per message taken", uid)
+		if len(seqs) > 0 {
+			_, last, err := rt.HeadSeqs(ctx, uid)
+			require.NoError(t, err)
+			require.Equal(t, map[string]int64{"c1": seqs[len(seqs)-1]}, last, uid)
+		}
 	}
 }
 
@@ -1306,7 +1360,8 @@ func testPing(t *testing.T, h Harness) {
 // BenchAppend measures fan-out into the logs of any implementation: each
 // Append delivers one message to 200 users, from one caller and from several
 // concurrent ones (the dispatchers of several sends). open returns a fresh
-// instance per sub-benchmark.
+// instance per sub-benchmark. As the dispatcher does, all recipients of a
+// message share its entry (an adapter may send it once per call).
 func BenchAppend(b *testing.B, open func(b *testing.B) chat.Realtime) {
 	const users = 200
 	data := []byte(`{"id":"01J8Z6Q4W2","conversation_id":"CONV","seq":0,"sender_id":"alice",` +
@@ -1319,11 +1374,10 @@ func BenchAppend(b *testing.B, open func(b *testing.B) chat.Realtime) {
 		seq := int64(0)
 		return func() {
 			seq++
+			e := &chat.LogEntry{Key: fmt.Sprintf("o%s-%d", cid, seq), Type: chat.EventMessageCreated,
+				ConversationID: cid, Seq: seq, Data: data}
 			for u := range ds {
-				ds[u] = chat.Delivery{UserID: fmt.Sprintf("u%d", u), Entry: &chat.LogEntry{
-					Key: fmt.Sprintf("o%s-%d", cid, seq), Type: chat.EventMessageCreated,
-					ConversationID: cid, Seq: seq, Data: data,
-				}}
+				ds[u] = chat.Delivery{UserID: fmt.Sprintf("u%d", u), Entry: e}
 			}
 			gaps, err := rt.Append(context.Background(), ds)
 			if err != nil || len(gaps) > 0 {
@@ -1349,11 +1403,10 @@ func BenchAppend(b *testing.B, open func(b *testing.B) chat.Realtime) {
 			ds = ds[:0]
 			for range 32 {
 				seq++
+				e := &chat.LogEntry{Key: fmt.Sprintf("o%s-%d", cid, seq), Type: chat.EventMessageCreated,
+					ConversationID: cid, Seq: seq, Data: data}
 				for u := range users {
-					ds = append(ds, chat.Delivery{UserID: fmt.Sprintf("u%d", u), Entry: &chat.LogEntry{
-						Key: fmt.Sprintf("o%s-%d", cid, seq), Type: chat.EventMessageCreated,
-						ConversationID: cid, Seq: seq, Data: data,
-					}})
+					ds = append(ds, chat.Delivery{UserID: fmt.Sprintf("u%d", u), Entry: e})
 				}
 			}
 			gaps, err := rt.Append(context.Background(), ds)
