@@ -84,7 +84,7 @@ end
 // stores it "<type> <data>", and as a wake-up carries it "<length>:<type>
 // <data>"), then per
 // user: epoch candidate, channel, the count of its entries and their
-// numbers (1-based, in order). Returns a flat list of (user number, the
+// numbers (1-based, in order), or "*" for all entries in order. Returns a flat list of (user number, the
 // entry's place in that user's list, last seq) for the entries not
 // appended because of a gap.
 //
@@ -127,7 +127,24 @@ for i = 1, ne do
   eact[i] = tonumber(eacts[i])
 end
 local gaps = {}
-
+-- all: every entry, in order (a user given '*' for its entries). run: the
+-- entries are consecutive messages of one conversation with nothing else
+-- to apply (no baseline, no forget), the usual round of a group; a user
+-- who gets all of them and whose log stands right before the first takes
+-- them whole (append_user), without the per-entry loop, which had been
+-- most of Redis' work per recipient in a group's rounds.
+local all, run = {}, ne > 0 and eseq[1] > 0
+local rvals, rpushes, rsize, ract, racts = {}, {}, 0, 0, '0'
+for i = 1, ne do
+  all[i] = i
+  if eseq[i] ~= eseq[1] + i - 1 or ecid[i] ~= ecid[1] or ebase[i] > 0 or eforget[i] then
+    run = false
+  end
+  rvals[i], rpushes[i], rsize = estr[i], epush[i], rsize + #epush[i]
+  if eact[i] > ract then
+    ract, racts = eact[i], eacts[i]
+  end
+end
 
 local function append_user(u, k, candidate, channel, idx)
   local refresh, epoch, off = ensure_epoch(k, candidate)
@@ -151,6 +168,19 @@ local function append_user(u, k, candidate, channel, idx)
   -- all its messages (else false), for a summary wake-up (below).
   local scid, sseq = nil, 0
   local touch, toucha = {}, {} -- conversation → latest activity among the entries (number, as given)
+  if idx == all and run and seq_of(ecid[1]) == eseq[1] - 1 then
+    -- What the loop below would do with these entries, at once.
+    local cid = ecid[1]
+    off = off + ne
+    vals, pushes, size = rvals, rpushes, rsize
+    scid, sseq = cid, eseqs[ne]
+    last[cid], lasts[cid] = eseq[ne], eseqs[ne]
+    changed[cid] = true
+    if ract > 0 then
+      touch[cid], toucha[cid] = ract, racts
+    end
+    idx = {}
+  end
   for n, i in ipairs(idx) do
     local key, cid, seq, baseline = ekey[i], ecid[i], eseq[i], ebase[i]
     local activity = eact[i]
@@ -281,13 +311,19 @@ while a <= #ARGV do
   u = u + 1
   local b = (u - 1) * 6
   local k = {KEYS[b+1], KEYS[b+2], KEYS[b+3], KEYS[b+4], KEYS[b+5], KEYS[b+6]}
-  local candidate, channel, count = ARGV[a], ARGV[a+1], tonumber(ARGV[a+2])
-  local idx = {}
-  for j = 1, count do
-    idx[j] = tonumber(ARGV[a+2+j])
+  local candidate, channel = ARGV[a], ARGV[a+1]
+  if ARGV[a+2] == '*' then
+    append_user(u, k, candidate, channel, all)
+    a = a + 3
+  else
+    local count = tonumber(ARGV[a+2])
+    local idx = {}
+    for j = 1, count do
+      idx[j] = tonumber(ARGV[a+2+j])
+    end
+    append_user(u, k, candidate, channel, idx)
+    a = a + 3 + count
   end
-  append_user(u, k, candidate, channel, idx)
-  a = a + 3 + count
 end
 return gaps
 `
@@ -439,7 +475,12 @@ func (r *Redis) Append(ctx context.Context, ds []chat.Delivery) ([]chat.Gap, err
 			// A fresh epoch per user (used only if the log is new): ids of
 			// different users' logs must never collide, or a Last-Event-ID of
 			// one account would be served from another's log.
-			args = append(args, newEpoch(), r.userChannel(b.uid), strconv.Itoa(len(b.entries)))
+			args = append(args, newEpoch(), r.userChannel(b.uid))
+			if allEntries(b.entries, c.entries) {
+				args = append(args, "*")
+				continue
+			}
+			args = append(args, strconv.Itoa(len(b.entries)))
 			for _, e := range b.entries {
 				args = append(args, strconv.Itoa(c.number[e]))
 			}
@@ -464,6 +505,22 @@ func (r *Redis) Append(ctx context.Context, ds []chat.Delivery) ([]chat.Gap, err
 		}
 	}
 	return gaps, nil
+}
+
+// allEntries reports whether a user's entries are all of a call's, in its
+// order: the usual case in a group's round, sent as "*" instead of a number
+// per entry (which Redis had to turn into a Lua string and back into a
+// number for every recipient).
+func allEntries(user, call []*chat.LogEntry) bool {
+	if len(user) != len(call) {
+		return false
+	}
+	for i, e := range user {
+		if call[i] != e {
+			return false
+		}
+	}
+	return true
 }
 
 // appendUsers and appendWork bound one appendScript call: at most 64 users
