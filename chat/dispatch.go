@@ -577,17 +577,30 @@ func (s *Service) fillGaps(ctx context.Context, gaps []Gap) error {
 			from = page[len(page)-1].Seq
 		}
 	}
+	// Each message's entry is made once and shared by every user it fills
+	// (only a first entry with a Baseline is a user's own copy), as the
+	// dispatcher's deliveries are: the log adapter then sends it once per
+	// call, and users given the same run take it whole.
+	entries := map[string][]*LogEntry{}
+	for cid, ms := range msgs {
+		es := make([]*LogEntry, len(ms))
+		for i, m := range ms {
+			data, _ := json.Marshal(m)
+			es[i] = &LogEntry{Key: "m" + m.ID, Type: EventMessageCreated, ConversationID: m.ConversationID, Seq: m.Seq, Data: data}
+		}
+		entries[cid] = es
+	}
 	var fill []Delivery
 	for _, sp := range order {
 		first := true
-		for _, m := range msgs[sp.cid] {
-			if m.Seq <= sp.lo || m.Seq > sp.hi {
+		for _, e := range entries[sp.cid] {
+			if e.Seq <= sp.lo || e.Seq > sp.hi {
 				continue
 			}
-			data, _ := json.Marshal(m)
-			e := &LogEntry{Key: "m" + m.ID, Type: EventMessageCreated, ConversationID: m.ConversationID, Seq: m.Seq, Data: data}
-			if first && sp.unknown {
-				e.Baseline = sp.lo
+			if first && sp.unknown && sp.lo > 0 {
+				own := *e
+				own.Baseline = sp.lo
+				e = &own
 			}
 			first = false
 			fill = append(fill, Delivery{UserID: sp.uid, Entry: e})

@@ -150,3 +150,69 @@ func TestAppendRoundPaced(t *testing.T) {
 		}
 	}
 }
+
+// historyStore is a Store whose Messages serves one conversation's
+// messages 1..n; nothing else of it may be used.
+type historyStore struct {
+	Store
+	n int64
+}
+
+func (h historyStore) Messages(_ context.Context, cid string, q HistoryQuery) ([]Message, bool, error) {
+	var out []Message
+	for seq := q.AfterSeq + 1; seq <= h.n && len(out) < q.Limit; seq++ {
+		out = append(out, Message{ID: fmt.Sprint("m", seq), ConversationID: cid, Seq: seq})
+	}
+	return out, len(out) == q.Limit, nil
+}
+
+// TestFillGapsShared: a fill gives each user of a conversation the
+// messages its log lacks, in order, and makes each message's entry once
+// for all of them (as deliver does, so that the log adapter sends it once
+// per call); only a first entry with a Baseline is a user's own.
+func TestFillGapsShared(t *testing.T) {
+	rec := &appendRecorder{}
+	s := &Service{rt: rec, store: historyStore{n: 600}}
+	require.NoError(t, s.fillGaps(context.Background(), []Gap{
+		{UserID: "a", ConversationID: "c1", LastSeq: 597, Seq: 599},
+		{UserID: "a", ConversationID: "c1", LastSeq: 597, Seq: 600},
+		{UserID: "b", ConversationID: "c1", LastSeq: 595, Seq: 600},
+		{UserID: "c", ConversationID: "c1", LastSeq: -1, Seq: 600}, // starts gapFillBatch back
+	}))
+	require.Len(t, rec.calls, 1)
+	got := map[string][]*LogEntry{}
+	for _, dl := range rec.calls[0] {
+		got[dl.UserID] = append(got[dl.UserID], dl.Entry)
+	}
+	seqs := func(es []*LogEntry) (out []int64) {
+		for _, e := range es {
+			out = append(out, e.Seq)
+		}
+		return out
+	}
+	span := func(lo, hi int64) (out []int64) {
+		for seq := lo; seq <= hi; seq++ {
+			out = append(out, seq)
+		}
+		return out
+	}
+	require.Equal(t, span(598, 600), seqs(got["a"]))
+	require.Equal(t, span(596, 600), seqs(got["b"]))
+	require.Equal(t, span(100, 600), seqs(got["c"]))
+	require.EqualValues(t, 99, got["c"][0].Baseline, "c's log learns where the fill starts")
+	for _, e := range append(got["a"], got["b"]...) {
+		require.Zero(t, e.Baseline)
+	}
+	bySeq := map[int64]*LogEntry{}
+	for _, uid := range []string{"a", "b", "c"} {
+		for i, e := range got[uid] {
+			if uid == "c" && i == 0 {
+				continue // its own, with the Baseline
+			}
+			if first, ok := bySeq[e.Seq]; ok {
+				require.Same(t, first, e, "seq %d: one entry for every user", e.Seq)
+			}
+			bySeq[e.Seq] = e
+		}
+	}
+}
