@@ -82,11 +82,10 @@ end
 // number of distinct entries E, then 8 per entry (key, conversation id,
 // seq, baseline, forget 1/0, activity unix ms or 0, the entry as the list
 // stores it "<type> <data>", and as a wake-up carries it "<length>:<type>
-// <data>"), then per
-// user: epoch candidate, channel, the count of its entries and their
-// numbers (1-based, in order), or "*" for all entries in order. Returns a flat list of (user number, the
-// entry's place in that user's list, last seq) for the entries not
-// appended because of a gap.
+// <data>"), then per user: epoch candidate, channel, the count of its
+// entries and their numbers (1-based, in order), or "*" for all entries in
+// order. Returns a flat list of (user number, the entry's place in that
+// user's list, last seq) for the entries not appended because of a gap.
 //
 // Why this shape (docs/performance.md): a message to a group goes to every
 // member's log. One script call per user cost Redis its fixed overhead per
@@ -100,7 +99,11 @@ end
 // seqs are read once, every entry is decided on local copies and the writes
 // happen once at the end (one RPUSH, SET, HSET however many entries). Only
 // entries without a seq (membership and conversation events, rare) still
-// cost a ZSCORE and a ZADD each.
+// cost a ZSCORE and a ZADD each. A group's round (every member given the
+// same consecutive messages of one conversation) skips even the per-entry
+// decisions for a member whose log stands right before it: walking every
+// entry for every member in Lua had been most of Redis' work per recipient
+// in such rounds (docs/performance.md, item 23).
 //
 // The keys of each user share its hash tag, but one call spans users: the
 // adapter runs on a single Redis (redis.Client). A Redis Cluster adapter
