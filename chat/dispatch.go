@@ -577,11 +577,16 @@ func (s *Service) fillGaps(ctx context.Context, gaps []Gap) error {
 			from = page[len(page)-1].Seq
 		}
 	}
-	// Each message's entry is made once and shared by every user it fills
-	// (only a first entry with a Baseline is a user's own copy), as the
-	// dispatcher's deliveries are: the log adapter then sends it once per
-	// call, and users given the same run take it whole.
+	// Each message's entry is made once and shared by every user it fills,
+	// as the dispatcher's deliveries are (a first entry with a Baseline is
+	// shared by the users whose fill starts there): the log adapter then
+	// sends it once per call, and users given the same run take it whole.
 	entries := map[string][]*LogEntry{}
+	type start struct {
+		cid           string
+		seq, baseline int64
+	}
+	starts := map[start]*LogEntry{} // a first entry with its Baseline
 	for cid, ms := range msgs {
 		es := make([]*LogEntry, len(ms))
 		for i, m := range ms {
@@ -598,9 +603,13 @@ func (s *Service) fillGaps(ctx context.Context, gaps []Gap) error {
 				continue
 			}
 			if first && sp.unknown && sp.lo > 0 {
-				own := *e
-				own.Baseline = sp.lo
-				e = &own
+				k := start{sp.cid, e.Seq, sp.lo}
+				if starts[k] == nil {
+					own := *e
+					own.Baseline = sp.lo
+					starts[k] = &own
+				}
+				e = starts[k]
 			}
 			first = false
 			fill = append(fill, Delivery{UserID: sp.uid, Entry: e})

@@ -169,7 +169,8 @@ func (h historyStore) Messages(_ context.Context, cid string, q HistoryQuery) ([
 // TestFillGapsShared: a fill gives each user of a conversation the
 // messages its log lacks, in order, and makes each message's entry once
 // for all of them (as deliver does, so that the log adapter sends it once
-// per call); only a first entry with a Baseline is a user's own.
+// per call); a first entry with a Baseline is shared by the users whose
+// fill starts there.
 func TestFillGapsShared(t *testing.T) {
 	rec := &appendRecorder{}
 	s := &Service{rt: rec, store: historyStore{n: 600}}
@@ -178,6 +179,7 @@ func TestFillGapsShared(t *testing.T) {
 		{UserID: "a", ConversationID: "c1", LastSeq: 597, Seq: 600},
 		{UserID: "b", ConversationID: "c1", LastSeq: 595, Seq: 600},
 		{UserID: "c", ConversationID: "c1", LastSeq: -1, Seq: 600}, // starts gapFillBatch back
+		{UserID: "d", ConversationID: "c1", LastSeq: -1, Seq: 600},
 	}))
 	require.Len(t, rec.calls, 1)
 	got := map[string][]*LogEntry{}
@@ -199,15 +201,17 @@ func TestFillGapsShared(t *testing.T) {
 	require.Equal(t, span(598, 600), seqs(got["a"]))
 	require.Equal(t, span(596, 600), seqs(got["b"]))
 	require.Equal(t, span(100, 600), seqs(got["c"]))
+	require.Equal(t, span(100, 600), seqs(got["d"]))
 	require.EqualValues(t, 99, got["c"][0].Baseline, "c's log learns where the fill starts")
+	require.Same(t, got["c"][0], got["d"][0], "one start for both")
 	for _, e := range append(got["a"], got["b"]...) {
 		require.Zero(t, e.Baseline)
 	}
 	bySeq := map[int64]*LogEntry{}
-	for _, uid := range []string{"a", "b", "c"} {
+	for _, uid := range []string{"a", "b", "c", "d"} {
 		for i, e := range got[uid] {
-			if uid == "c" && i == 0 {
-				continue // its own, with the Baseline
+			if (uid == "c" || uid == "d") && i == 0 {
+				continue // the start, with the Baseline
 			}
 			if first, ok := bySeq[e.Seq]; ok {
 				require.Same(t, first, e, "seq %d: one entry for every user", e.Seq)

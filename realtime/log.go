@@ -132,15 +132,21 @@ end
 local gaps = {}
 -- all: every entry, in order (a user given '*' for its entries). run: the
 -- entries are consecutive messages of one conversation with nothing else
--- to apply (no baseline, no forget), the usual round of a group; a user
--- who gets all of them and whose log stands right before the first takes
--- them whole (append_user), without the per-entry loop, which had been
--- most of Redis' work per recipient in a group's rounds.
+-- to apply (no forget, no baseline but one right below the first, as a
+-- gap fill starts), the usual round of a group; a user who gets all of
+-- them and whose log stands right before the first (or, with that
+-- baseline or from seq 1, does not know the conversation yet) takes them
+-- whole (append_user), without the per-entry loop, which had been most of
+-- Redis' work per recipient in a group's rounds.
 local all, run = {}, ne > 0 and eseq[1] > 0
+local rstart = run and (ebase[1] > 0 and ebase[1] or 0)
+if run and rstart > 0 and rstart ~= eseq[1] - 1 then
+  run = false
+end
 local rvals, rpushes, rsize, ract, racts = {}, {}, 0, 0, '0'
 for i = 1, ne do
   all[i] = i
-  if eseq[i] ~= eseq[1] + i - 1 or ecid[i] ~= ecid[1] or ebase[i] > 0 or eforget[i] then
+  if eseq[i] ~= eseq[1] + i - 1 or ecid[i] ~= ecid[1] or (i > 1 and ebase[i] > 0) or eforget[i] then
     run = false
   end
   rvals[i], rpushes[i], rsize = estr[i], epush[i], rsize + #epush[i]
@@ -171,7 +177,8 @@ local function append_user(u, k, candidate, channel, idx)
   -- all its messages (else false), for a summary wake-up (below).
   local scid, sseq = nil, 0
   local touch, toucha = {}, {} -- conversation → latest activity among the entries (number, as given)
-  if idx == all and run and seq_of(ecid[1]) == eseq[1] - 1 then
+  local rl = run and idx == all and seq_of(ecid[1])
+  if run and idx == all and (rl == eseq[1] - 1 or (rl == false and rstart == eseq[1] - 1)) then
     -- What the loop below would do with these entries, at once.
     local cid = ecid[1]
     off = off + ne

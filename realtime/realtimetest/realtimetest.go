@@ -299,25 +299,26 @@ func testSeveralUsers(t *testing.T, h Harness) {
 
 // testSharedRound: a dispatcher round of a group, every member given the
 // same entries, several messages in one call, to logs that stand at
-// different places. Each log takes what continues it and reports the rest,
-// as it would message by message.
+// different places; and a gap fill's round, which starts with a Baseline.
+// Each log takes what continues it and reports the rest, as it would
+// message by message.
 func testSharedRound(t *testing.T, h Harness) {
 	rt := h.New(t)
 	ctx := ctxFor(t)
 	appendOK(t, rt, msg("alice", "c1", 1), msg("alice", "c1", 2))                  // right before the round
 	appendOK(t, rt, msg("bob", "c1", 1), msg("bob", "c1", 2), msg("bob", "c1", 3)) // has its first already
 	appendOK(t, rt, msg("dave", "c1", 1))                                          // a message behind
-	round := func(users []string, seqs ...int64) []chat.Delivery {
+	round := func(cid string, users []string, seqs ...int64) []chat.Delivery {
 		var ds []chat.Delivery
 		for _, seq := range seqs {
-			e := msg("", "c1", seq).Entry
+			e := msg("", cid, seq).Entry
 			for _, uid := range users {
 				ds = append(ds, chat.Delivery{UserID: uid, Entry: e})
 			}
 		}
 		return ds
 	}
-	gaps, err := rt.Append(ctx, round([]string{"alice", "bob", "carol", "dave"}, 3, 4, 5))
+	gaps, err := rt.Append(ctx, round("c1", []string{"alice", "bob", "carol", "dave"}, 3, 4, 5))
 	require.NoError(t, err)
 	require.Equal(t, []chat.Gap{
 		{UserID: "carol", ConversationID: "c1", LastSeq: -1, Seq: 3},
@@ -328,24 +329,51 @@ func testSharedRound(t *testing.T, h Harness) {
 		{UserID: "dave", ConversationID: "c1", LastSeq: 1, Seq: 5},
 	}, gaps)
 	// Not consecutive: what continues the log is taken, the rest reported.
-	gaps, err = rt.Append(ctx, round([]string{"alice", "bob"}, 6, 8))
+	gaps, err = rt.Append(ctx, round("c1", []string{"alice", "bob"}, 6, 8))
 	require.NoError(t, err)
 	require.Equal(t, []chat.Gap{
 		{UserID: "alice", ConversationID: "c1", LastSeq: 6, Seq: 8},
 		{UserID: "bob", ConversationID: "c1", LastSeq: 6, Seq: 8},
 	}, gaps)
 
-	want := map[string][]int64{"alice": {1, 2, 3, 4, 5, 6}, "bob": {1, 2, 3, 4, 5, 6}, "carol": nil, "dave": {1}}
-	for uid, seqs := range want {
+	// A gap fill's round: its first entry says where it starts (Baseline),
+	// which a log not knowing the conversation takes as its start.
+	appendOK(t, rt, msg("frank", "c2", 1), msg("frank", "c2", 2), msg("frank", "c2", 3), msg("frank", "c2", 4))
+	appendOK(t, rt, msg("gina", "c2", 1), msg("gina", "c2", 2))
+	for seq := range int64(6) {
+		appendOK(t, rt, msg("hal", "c2", seq+1))
+	}
+	fill := round("c2", []string{"erin", "frank", "gina", "hal"}, 5, 6, 7)
+	fill[0].Entry.Baseline = 4 // shared by the four users' first entries
+	gaps, err = rt.Append(ctx, fill)
+	require.NoError(t, err)
+	require.Equal(t, []chat.Gap{
+		{UserID: "gina", ConversationID: "c2", LastSeq: 2, Seq: 5},
+		{UserID: "gina", ConversationID: "c2", LastSeq: 2, Seq: 6},
+		{UserID: "gina", ConversationID: "c2", LastSeq: 2, Seq: 7},
+	}, gaps)
+	// A conversation's first messages to a log that has never seen it.
+	appendOK(t, rt, round("c2", []string{"ivy"}, 1, 2)...)
+
+	want := map[string]map[string][]int64{
+		"alice": {"c1": {1, 2, 3, 4, 5, 6}}, "bob": {"c1": {1, 2, 3, 4, 5, 6}}, "carol": {}, "dave": {"c1": {1}},
+		"erin": {"c2": {5, 6, 7}}, "frank": {"c2": {1, 2, 3, 4, 5, 6, 7}}, "gina": {"c2": {1, 2}},
+		"hal": {"c2": {1, 2, 3, 4, 5, 6, 7}}, "ivy": {"c2": {1, 2}},
+	}
+	for uid, convs := range want {
 		head, err := rt.Head(ctx, uid)
 		require.NoError(t, err)
 		evs := readAll(t, rt, uid, chat.Position{Epoch: head.Epoch})
-		require.Equal(t, seqs, seqsOf(t, evs, "c1"), uid)
-		require.EqualValues(t, len(seqs), head.Offset, "%s: one entry per message taken", uid)
-		if len(seqs) > 0 {
+		lastSeqs, n := map[string]int64{}, 0
+		for cid, seqs := range convs {
+			require.Equal(t, seqs, seqsOf(t, evs, cid), "%s in %s", uid, cid)
+			lastSeqs[cid], n = seqs[len(seqs)-1], n+len(seqs)
+		}
+		require.EqualValues(t, n, head.Offset, "%s: one entry per message taken", uid)
+		if n > 0 {
 			_, last, err := rt.HeadSeqs(ctx, uid)
 			require.NoError(t, err)
-			require.Equal(t, map[string]int64{"c1": seqs[len(seqs)-1]}, last, uid)
+			require.Equal(t, lastSeqs, last, uid)
 		}
 	}
 }
