@@ -101,9 +101,10 @@ end
 // entries without a seq (membership and conversation events, rare) still
 // cost a ZSCORE and a ZADD each. A group's round (every member given the
 // same consecutive messages of one conversation) skips even the per-entry
-// decisions for a member whose log stands right before it: walking every
-// entry for every member in Lua had been most of Redis' work per recipient
-// in such rounds (docs/performance.md, item 23).
+// decisions for a member whose log stands right before it, and so does a
+// gap fill's round, for a log that does not know the conversation yet:
+// walking every entry for every member in Lua had been most of Redis' work
+// per recipient in such rounds (docs/performance.md, items 23 and 24).
 //
 // The keys of each user share its hash tag, but one call spans users: the
 // adapter runs on a single Redis (redis.Client). A Redis Cluster adapter
