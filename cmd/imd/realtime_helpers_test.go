@@ -449,9 +449,10 @@ func rtRedis(t *testing.T) *redis.Client {
 	return rdb
 }
 
-// deletePrefix deletes every key of the cluster: FLUSHALL for this cluster
-// only, so that parallel tests keep their keys.
-func rtDeletePrefix(t *testing.T, rdb *redis.Client, prefix string) int {
+// rtDeletePrefix deletes every key that starts with prefix; with a
+// cluster's prefix, FLUSHALL for this cluster only, so that parallel tests
+// keep their keys.
+func rtDeletePrefix(t testing.TB, rdb *redis.Client, prefix string) int {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
