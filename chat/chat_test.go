@@ -32,6 +32,12 @@ func TestValidateSend(t *testing.T) {
 		{SendRequest{Text: "a\x00b"}, "text"},
 		{SendRequest{Text: "\xff"}, "text"},
 		{SendRequest{Text: "ok", Metadata: []byte(`[1]`)}, "metadata"},
+		{SendRequest{Text: "ok", Metadata: []byte(`null`)}, "metadata"},
+		{SendRequest{Text: "ok", Metadata: []byte(`"x"`)}, "metadata"},
+		{SendRequest{Text: "ok", Metadata: []byte(` `)}, "metadata"},
+		{SendRequest{Text: "ok", Metadata: []byte(`{"a":}`)}, "metadata"},
+		{SendRequest{Text: "ok", Metadata: []byte(`{"a":1}{"b":2}`)}, "metadata"},
+		{SendRequest{Text: "ok", Metadata: []byte(`{"a":1`)}, "metadata"},
 		{SendRequest{Text: "ok", Metadata: []byte(`{"a":"` + strings.Repeat("x", DefaultMaxMetadata) + `"}`)}, "metadata"},
 	}
 	for _, c := range cases {
@@ -39,6 +45,11 @@ func TestValidateSend(t *testing.T) {
 		e := AsError(err)
 		if err == nil || e.Code != CodeInvalid || e.Fields[0].Field != c.field {
 			t.Errorf("%.40q: got %v, want invalid %s", c.req.Text, err, c.field)
+		}
+	}
+	for _, md := range []string{`{}`, `{"k":1}`, " \n{\"k\":[1,{\"x\":null}]}\t", `{"k":1,"k":2}`} {
+		if err := s.validateSend(SendRequest{Text: "ok", Metadata: []byte(md)}); err != nil {
+			t.Errorf("metadata %q: %v", md, err)
 		}
 	}
 	// 16384 bytes of multi-byte text is fine: the limit counts bytes.
@@ -80,5 +91,17 @@ func TestErrorCodes(t *testing.T) {
 	e := AsError(v.Err())
 	if len(e.Fields) != 2 || !strings.Contains(e.Message, "1 more") {
 		t.Fatalf("%+v", e)
+	}
+}
+
+// BenchmarkValidateSendMetadata: the checks of one send with the kind of
+// metadata imbench sends (a timestamp and a tag).
+func BenchmarkValidateSendMetadata(b *testing.B) {
+	s := &Service{cfg: Config{}.withDefaults()}
+	req := SendRequest{Text: "hello there, a typical chat line", Metadata: []byte(`{"sent_at_ns":1732790000000000000,"bench":"b1234567","n":42}`)}
+	for b.Loop() {
+		if err := s.validateSend(req); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
