@@ -528,10 +528,36 @@ func (s *Service) deliveries(ctx context.Context, ev OutboxEvent, to []string) (
 // log), the fill starts gapFillBatch messages back and tells the log so
 // with a Baseline: at worst some messages the client already has arrive
 // again under new ids; none is skipped.
+//
+// A fill can itself be refused as a gap: the log moved between the gap's
+// report and the fill's append (another fill of the conversation gave it a
+// start below this fill's, or the log was lost). What the fill's append
+// reports is filled again, from where the log stands then, up to
+// fillRounds times in all; only a gap left after that is logged, and the
+// conversation's next message reports it again.
 func (s *Service) fillGaps(ctx context.Context, gaps []Gap) error {
-	if len(gaps) == 0 {
-		return nil
+	for range fillRounds {
+		if len(gaps) == 0 {
+			return nil
+		}
+		var err error
+		if gaps, err = s.fillOnce(ctx, gaps); err != nil {
+			return err
+		}
 	}
+	for _, g := range gaps {
+		s.log.Warn("gap persists after fill", "user", g.UserID, "conversation", g.ConversationID, "last", g.LastSeq, "seq", g.Seq)
+	}
+	return nil
+}
+
+// fillRounds bounds the fills of one set of gaps (fillGaps): a refused fill
+// needs a log that moves under it, twice in a row is already unlikely.
+const fillRounds = 3
+
+// fillOnce appends what gaps lack (fillGaps) and returns the gaps that
+// append reported.
+func (s *Service) fillOnce(ctx context.Context, gaps []Gap) ([]Gap, error) {
 	type span struct {
 		uid, cid string
 		lo, hi   int64
@@ -568,7 +594,7 @@ func (s *Service) fillGaps(ctx context.Context, gaps []Gap) error {
 			page, _, err := s.store.Messages(ctx, cid, HistoryQuery{After: true, AfterSeq: from,
 				Limit: int(min(int64(gapFillBatch), hi[cid]-from))})
 			if err != nil {
-				return err
+				return nil, err
 			}
 			if len(page) == 0 {
 				break
@@ -615,14 +641,7 @@ func (s *Service) fillGaps(ctx context.Context, gaps []Gap) error {
 			fill = append(fill, Delivery{UserID: sp.uid, Entry: e})
 		}
 	}
-	again, err := s.rt.Append(ctx, fill)
-	if err != nil {
-		return err
-	}
-	for _, g := range again {
-		s.log.Warn("gap persists after fill", "user", g.UserID, "conversation", g.ConversationID, "last", g.LastSeq, "seq", g.Seq)
-	}
-	return nil
+	return s.rt.Append(ctx, fill)
 }
 
 func contains(xs []string, x string) bool {

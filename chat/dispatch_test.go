@@ -3,6 +3,7 @@ package chat
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"testing"
 	"time"
 
@@ -219,4 +220,48 @@ func TestFillGapsShared(t *testing.T) {
 			bySeq[e.Seq] = e
 		}
 	}
+}
+
+// refusingLog is an appendRecorder that answers its first appends with the
+// gaps given, as a log that moved under a fill would; nothing else of it
+// may be used.
+type refusingLog struct {
+	appendRecorder
+	answers [][]Gap
+}
+
+func (r *refusingLog) Append(ctx context.Context, ds []Delivery) ([]Gap, error) {
+	_, _ = r.appendRecorder.Append(ctx, ds)
+	if len(r.answers) == 0 {
+		return nil, nil
+	}
+	gaps := r.answers[0]
+	r.answers = r.answers[1:]
+	return gaps, nil
+}
+
+// TestFillGapsRefused: a fill the log refuses as a gap (it moved between
+// the gap's report and the fill) is filled again from where the log
+// stands then; after fillRounds fills what is left is given up (logged),
+// not retried for ever.
+func TestFillGapsRefused(t *testing.T) {
+	ctx := context.Background()
+	seqsOf := func(ds []Delivery) (out []int64) {
+		for _, dl := range ds {
+			out = append(out, dl.Entry.Seq)
+		}
+		return out
+	}
+	rt := &refusingLog{answers: [][]Gap{{{UserID: "a", ConversationID: "c1", LastSeq: 2, Seq: 8}}}}
+	s := &Service{rt: rt, store: historyStore{n: 10}, log: slog.New(slog.DiscardHandler)}
+	require.NoError(t, s.fillGaps(ctx, []Gap{{UserID: "a", ConversationID: "c1", LastSeq: 5, Seq: 8}}))
+	require.Len(t, rt.calls, 2)
+	require.Equal(t, []int64{6, 7, 8}, seqsOf(rt.calls[0]))
+	require.Equal(t, []int64{3, 4, 5, 6, 7, 8}, seqsOf(rt.calls[1]), "filled again from where the log stands")
+
+	refused := []Gap{{UserID: "a", ConversationID: "c1", LastSeq: 1, Seq: 8}}
+	rt = &refusingLog{answers: [][]Gap{refused, refused, refused, refused}}
+	s.rt = rt
+	require.NoError(t, s.fillGaps(ctx, []Gap{{UserID: "a", ConversationID: "c1", LastSeq: 5, Seq: 8}}))
+	require.Len(t, rt.calls, fillRounds)
 }
