@@ -79,8 +79,6 @@ func rtSend(t *testing.T, c *client, cid, text string) chat.Message {
 	return m
 }
 
-// rawDo is an HTTP call for goroutines other than the test's: it returns
-// errors instead of failing the test.
 // rtPollAnswer is what a long poll started with rtLongPoll answered.
 type rtPollAnswer struct {
 	status int
@@ -116,6 +114,8 @@ func rtAwaitPoll(t *testing.T, done <-chan rtPollAnswer, what string) rtPollAnsw
 	return a
 }
 
+// rtRawDo is an HTTP call for goroutines other than the test's: it returns
+// errors instead of failing the test.
 func rtRawDo(method, u, token string, body any, headers ...string) (int, []byte, error) {
 	var rd io.Reader
 	if body != nil {
@@ -440,7 +440,7 @@ func rtData(t *testing.T, ev sseEvent) map[string]any {
 }
 
 // redisFor returns a client for the tests' Redis (closed when the test ends).
-func rtRedis(t *testing.T) *redis.Client {
+func rtRedis(t testing.TB) *redis.Client {
 	t.Helper()
 	opts, err := redis.ParseURL(testenv.RedisURL(t))
 	require.NoError(t, err)
