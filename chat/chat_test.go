@@ -39,6 +39,9 @@ func TestValidateSend(t *testing.T) {
 		{SendRequest{Text: "ok", Metadata: []byte(`{"a":1}{"b":2}`)}, "metadata"},
 		{SendRequest{Text: "ok", Metadata: []byte(`{"a":1`)}, "metadata"},
 		{SendRequest{Text: "ok", Metadata: []byte(`{"a":"` + strings.Repeat("x", DefaultMaxMetadata) + `"}`)}, "metadata"},
+		{SendRequest{Text: "ok", Metadata: []byte(`{"a":"\u0000"}`)}, "metadata"},
+		{SendRequest{Text: "ok", Metadata: []byte(`{"a":"x\\\u0000"}`)}, "metadata"},
+		{SendRequest{Text: "ok", Metadata: []byte(`{"\u0000":1}`)}, "metadata"},
 	}
 	for _, c := range cases {
 		err := s.validateSend(c.req)
@@ -47,7 +50,8 @@ func TestValidateSend(t *testing.T) {
 			t.Errorf("%.40q: got %v, want invalid %s", c.req.Text, err, c.field)
 		}
 	}
-	for _, md := range []string{`{}`, `{"k":1}`, " \n{\"k\":[1,{\"x\":null}]}\t", `{"k":1,"k":2}`} {
+	for _, md := range []string{`{}`, `{"k":1}`, " \n{\"k\":[1,{\"x\":null}]}\t", `{"k":1,"k":2}`,
+		`{"k":"\\u0000"}`, `{"k":"\\\\u0000\u0001"}`} { // the text \u0000, not NUL
 		if err := s.validateSend(SendRequest{Text: "ok", Metadata: []byte(md)}); err != nil {
 			t.Errorf("metadata %q: %v", md, err)
 		}

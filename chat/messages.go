@@ -33,6 +33,8 @@ func (s *Service) validateSend(req SendRequest) error {
 	if len(req.Metadata) > 0 {
 		if !isJSONObject(req.Metadata) {
 			v.Add("metadata", "must be a JSON object")
+		} else if hasEscapedNUL(req.Metadata) {
+			v.Add("metadata", `must not contain \u0000`)
 		} else if len(req.Metadata) > s.cfg.MaxMetadata {
 			v.Add("metadata", fmt.Sprintf("must be at most %d bytes serialized", s.cfg.MaxMetadata))
 		}
@@ -49,6 +51,28 @@ func (s *Service) validateSend(req SendRequest) error {
 func isJSONObject(b []byte) bool {
 	b = bytes.TrimLeft(b, " \t\r\n")
 	return len(b) > 0 && b[0] == '{' && json.Valid(b)
+}
+
+// hasEscapedNUL reports whether the JSON b has a \u0000 escape, which
+// PostgreSQL's jsonb cannot store (and SQLite's JSON functions would): an
+// occurrence preceded by an even number of backslashes of its own, not
+// "\\u0000", the escaped backslash followed by the text u0000.
+func hasEscapedNUL(b []byte) bool {
+	for i := 0; ; {
+		j := bytes.Index(b[i:], []byte(`\u0000`))
+		if j < 0 {
+			return false
+		}
+		at := i + j
+		n := 0
+		for k := at - 1; k >= 0 && b[k] == '\\'; k-- {
+			n++
+		}
+		if n%2 == 0 {
+			return true
+		}
+		i = at + 1
+	}
 }
 
 // Send stores a message (G1: the answer comes after the commit) and

@@ -304,11 +304,12 @@ func dbErr(err error) error {
 			e := chat.Invalid(field, "unknown id")
 			e.Err = err
 			return e
-		case "23514", "22P02", "22001", "22021", "22003":
+		case "23514", "22P02", "22001", "22021", "22003", "22P05":
 			// check_violation (a kind or role outside its set), invalid text
 			// representation (metadata that is not JSON), string too long,
-			// bad encoding (NUL), number out of range: bad input that the
-			// domain did not catch.
+			// bad encoding (NUL), number out of range, untranslatable
+			// character (metadata with \u0000, which jsonb cannot hold): bad
+			// input that the domain did not catch.
 			return &chat.Error{Code: chat.CodeInvalid, Message: "invalid value", Err: err}
 		}
 	}
