@@ -287,17 +287,29 @@ func TestSendBatchPoison(t *testing.T) {
 		_, _, _, err := s.Send(ctx, chat.NewMessage{ID: "taken", ConversationID: "h", SenderID: "bob", Text: "t", CreatedAt: chat.Now()})
 		require.NoError(t, err)
 		for _, bad := range []struct {
-			name string
-			m    chat.NewMessage
-			code chat.Code
+			name   string
+			m      chat.NewMessage
+			code   chat.Code
+			pgOnly bool // SQLite stores it
 		}{
 			{"metadata the database rejects",
 				chat.NewMessage{ID: "bad", ConversationID: "g", SenderID: "ann", Text: "bad", Metadata: []byte(`{a:1}`)},
-				chat.CodeInvalid},
+				chat.CodeInvalid, false},
 			{"a message id used before",
 				chat.NewMessage{ID: "taken", ConversationID: "g", SenderID: "ann", Text: "bad"},
-				chat.CodeConflict},
+				chat.CodeConflict, false},
+			// The domain rejects NUL in text; the store must not pass it on
+			// (a literal would end at it, send_pg.go).
+			{"text with NUL",
+				chat.NewMessage{ID: "nul", ConversationID: "g", SenderID: "ann", Text: "a\x00b"},
+				chat.CodeInvalid, true},
+			{"metadata with an escaped NUL, which jsonb refuses",
+				chat.NewMessage{ID: "unul", ConversationID: "g", SenderID: "ann", Text: "bad", Metadata: []byte(`{"a":"\u0000"}`)},
+				chat.CodeInvalid, true},
 		} {
+			if bad.pgOnly && s.Dialect() == "sqlite" {
+				continue
+			}
 			bad.m.CreatedAt = chat.Now()
 			base := int64(len(msgSeqs(t, ctx, s, "g")))
 			ms := []chat.NewMessage{
@@ -401,6 +413,45 @@ func viaNewProxy(t *testing.T, dsn string) (string, *testenv.Proxy) {
 	phost, pport, err := net.SplitHostPort(proxy.Addr())
 	require.NoError(t, err)
 	return dsn + " host=" + phost + " port=" + pport, proxy // later keys win
+}
+
+// TestSendAfterConnectionsCut: a batch that meets a connection the pool kept
+// but which has died since (the database restarted, a proxy cut it) runs on
+// another, and the send succeeds; as many dead connections as the pool
+// holds are passed over.
+func TestSendAfterConnectionsCut(t *testing.T) {
+	t.Parallel()
+	ctx := batchCtx(t)
+	dsn, proxy := viaNewProxy(t, testenv.DatabaseURL(t))
+	s := openPostgresT(t, dsn)
+	setupUsers(t, ctx, s, "ann", "bob")
+	setupGroupOf(t, ctx, s, "g", "ann", "bob")
+	// Every connection the pool may open, idle, with the batch statements
+	// prepared on one of them.
+	var conns []*sql.Conn
+	for range 4 {
+		c, err := s.DB().Conn(ctx)
+		require.NoError(t, err)
+		require.NoError(t, c.PingContext(ctx))
+		conns = append(conns, c)
+	}
+	for _, c := range conns {
+		require.NoError(t, c.Close())
+	}
+	_, _, _, err := s.Send(ctx, chat.NewMessage{ID: "m1", ConversationID: "g", SenderID: "ann", Text: "1", CreatedAt: chat.Now()})
+	require.NoError(t, err)
+	require.Equal(t, 4, s.DB().Stats().Idle)
+
+	proxy.Down()
+	proxy.Up()
+	for i := 2; i <= 3; i++ {
+		m, created, _, err := s.Send(ctx, chat.NewMessage{ID: fmt.Sprintf("m%d", i), ConversationID: "g", SenderID: "bob",
+			Text: "x", CreatedAt: chat.Now()})
+		require.NoError(t, err, "send %d", i)
+		require.True(t, created)
+		require.Equal(t, int64(i), m.Seq)
+	}
+	require.Equal(t, []int64{1, 2, 3}, msgSeqs(t, ctx, s, "g"))
 }
 
 // A batch waiting for a lock held elsewhere (another process on the SQLite
@@ -904,23 +955,26 @@ func TestSendBatchPlansUseIndexes(t *testing.T) {
 	nulls := pq.Array([]sql.NullString{{String: "k1", Valid: true}, {}})
 	statements := []struct {
 		name string
-		sql  string
 		args []any
 	}{
-		{"lock", s.d.lockSQL(), []any{s.d.texts([]string{"d1", "g1"})}},
-		{"check", s.d.checkSQL(), []any{pq.Array([]string{"g1", "d1"}), pq.Array([]string{"ann", "bob"}), nulls,
+		{stmtLock, []any{pq.Array([]string{"d1", "g1"})}},
+		{stmtCheck, []any{pq.Array([]string{"g1", "d1"}), pq.Array([]string{"ann", "bob"}), nulls,
 			pq.Array([]sql.NullString{{}, {String: `{"x":1}`, Valid: true}})}},
-		{"write", writeSendsPostgres, writeArgs},
+		{stmtWrite, writeArgs},
 	}
 
-	tx, err := s.db.BeginTxx(ctx, nil)
+	// As a batch runs them (send_pg.go): prepared on the connection by name,
+	// executed under batchPlans.
+	conn, err := s.db.Connx(ctx)
 	require.NoError(t, err)
-	defer func() { _ = tx.Rollback() }()
-	_, err = tx.ExecContext(ctx, batchPlans)
+	defer discard(conn)
+	_, err = conn.ExecContext(ctx, sendPrepare+";\nBEGIN; "+batchPlans)
 	require.NoError(t, err)
 	for _, st := range statements {
+		exec, err := executeSQL(st.name, st.args...)
+		require.NoError(t, err)
 		var lines []string
-		require.NoError(t, tx.SelectContext(ctx, &lines, "EXPLAIN "+st.sql, st.args...), st.name)
+		require.NoError(t, conn.SelectContext(ctx, &lines, "EXPLAIN "+exec), st.name)
 		plan := strings.Join(lines, "\n")
 		for _, bad := range []string{"Seq Scan", "Hash Join", "Merge Join"} {
 			assert.NotContains(t, plan, bad, "%s:\n%s", st.name, plan)

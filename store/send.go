@@ -5,7 +5,6 @@ import (
 	"database/sql"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"slices"
 	"strings"
 	"sync"
@@ -20,8 +19,9 @@ import (
 // The statements of a batch of sends (sendBatch). Their text does not depend
 // on the size of the batch — the rows travel as arrays (PostgreSQL) or a JSON
 // array (SQLite) — so each is parsed and planned once per connection and then
-// only executed (sendStmts): planning a statement of VALUES lists of 8
-// parameters a row was most of what a batch cost PostgreSQL.
+// only executed (SQLite: sendStmts; PostgreSQL: sendPrepare): planning a
+// statement of VALUES lists of 8 parameters a row was most of what a batch
+// cost PostgreSQL.
 
 // lockSQL locks the batch's conversations ($1, the ids) in id order and reads
 // their last seqs and, for direct conversations, the pair (directTo).
@@ -102,10 +102,14 @@ type checkRow struct {
 // writeSendsPostgres writes a batch in one statement: the outbox events
 // ($1–$7, insertEventsPostgres), the conversations' last seqs and activity
 // ($8–$10), the senders' read positions ($11–$13) and the messages
-// ($14–$21). It returns one row per event, in event order, each with the
-// number of messages inserted: fewer than given means an idempotency key
-// was taken (errKeyConflict). SQLite has no INSERT or UPDATE in a WITH, and
-// runs them one statement each (sendBatch).
+// ($14–$21). It returns one row per event, in event order. An idempotency
+// key taken after all (the unique index is the backstop of the key look-up
+// that sendBatch makes under the conversation locks) fails it, and with it
+// the batch (errKeyConflict): a message skipped while its seq was counted
+// would leave a gap (G3). The statement must fail rather than skip, because
+// its transaction commits in the same round trip (send_pg.go). SQLite has
+// no INSERT or UPDATE in a WITH, and runs them one statement each
+// (sendBatch).
 const writeSendsPostgres = `
 WITH ev AS (` + insertEventsPostgres + `),
 conv AS (
@@ -123,10 +127,8 @@ ins AS (
 	SELECT v.cid, v.seq, v.id, v.uid, v.text, v.md::jsonb, v.ckey, v.at
 	FROM unnest($14::text[], $15::bigint[], $16::text[], $17::text[], $18::text[], $19::text[], $20::text[], $21::timestamptz[])
 	     AS v(cid, seq, id, uid, text, md, ckey, at)
-	ON CONFLICT (conversation_id, sender_id, client_msg_id) WHERE client_msg_id IS NOT NULL DO NOTHING
-	RETURNING 1
 )
-SELECT (SELECT count(*) FROM ins) AS inserted, ev.id, ev.created_at FROM ev ORDER BY ev.id`
+SELECT ev.id, ev.created_at FROM ev ORDER BY ev.id`
 
 // batchPlans fixes how PostgreSQL plans the batch's statements, for the
 // rest of its transaction only. Every statement of a batch finds its rows
@@ -150,16 +152,16 @@ SELECT (SELECT count(*) FROM ins) AS inserted, ev.id, ev.created_at FROM ev ORDE
 const batchPlans = `SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off; ` +
 	`SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off`
 
-// sendStmts are the prepared statements of sendBatch, prepared on first use
-// (after the migrations) and kept for the life of the store; database/sql
-// prepares each again on every connection that runs it, once.
+// sendStmts are the prepared statements of a SQLite batch (sendBatchSQLite),
+// prepared on first use (after the migrations) and kept for the life of the
+// store. PostgreSQL's are prepared per connection, by name (send_pg.go).
 type sendStmts struct {
-	mu                 sync.Mutex
-	lock, check, write *sqlx.Stmt // write: PostgreSQL only
+	mu          sync.Mutex
+	lock, check *sqlx.Stmt
 }
 
-// prepare returns the statements, preparing them if need be. It runs before
-// the batch's transaction: on SQLite the writer's one connection is free
+// sendStatements returns the statements, preparing them if need be. It
+// runs before the batch's transaction: the writer's one connection is free
 // then.
 func (s *Store) sendStatements(ctx context.Context) (*sendStmts, error) {
 	p := &s.stmts
@@ -177,15 +179,7 @@ func (s *Store) sendStatements(ctx context.Context) (*sendStmts, error) {
 		_ = lock.Close()
 		return nil, err
 	}
-	var write *sqlx.Stmt
-	if !s.d.sqlite() {
-		if write, err = s.db.PreparexContext(ctx, writeSendsPostgres); err != nil {
-			_ = lock.Close()
-			_ = check.Close()
-			return nil, err
-		}
-	}
-	p.lock, p.check, p.write = lock, check, write
+	p.lock, p.check = lock, check
 	return p, nil
 }
 
@@ -193,20 +187,25 @@ func (s *Store) sendStatements(ctx context.Context) (*sendStmts, error) {
 func (p *sendStmts) close() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for _, st := range []*sqlx.Stmt{p.lock, p.check, p.write} {
+	for _, st := range []*sqlx.Stmt{p.lock, p.check} {
 		if st != nil {
 			_ = st.Close()
 		}
 	}
-	p.lock, p.check, p.write = nil, nil, nil
+	p.lock, p.check = nil, nil
 }
 
-// errKeyConflict fails a batch of which the database did not insert every
-// message because an idempotency key was taken: the unique index is the
-// backstop of the key look-up that sendBatch makes under the conversation
-// locks, and a message skipped while its seq was counted would leave a gap
-// (G3). Retryable: nothing is stored, and a retry finds the key.
+// errKeyConflict fails a batch of which the database would not insert every
+// message because an idempotency key was taken (see writeSendsPostgres).
+// Retryable: nothing is stored, and a retry finds the key.
 var errKeyConflict = chat.Unavailable("database", errors.New("store: an idempotency key of the batch was taken on insert"))
+
+// lockedConv is a row of lockSQL.
+type lockedConv struct {
+	ID        string         `db:"id"`
+	LastSeq   int64          `db:"last_seq"`
+	DirectKey sql.NullString `db:"direct_key"`
+}
 
 // sendBatch stores ms in one transaction and returns the outcome of each, in
 // order, or an error of the transaction as a whole (nothing stored):
@@ -227,7 +226,8 @@ var errKeyConflict = chat.Unavailable("database", errors.New("store: an idempote
 //     A key used twice within the batch is created by its first request and
 //     replayed by the others;
 //  3. number the new messages from the locked last_seq, in request order,
-//     and build the messages and their message.created events as stored;
+//     and build the messages and their message.created events as stored
+//     (planBatch);
 //  4. write: the conversations' last_seq and activity, the messages (the
 //     idempotency index stays the backstop: a conflict on it fails the
 //     batch, errKeyConflict; another unique violation, a message id used
@@ -235,174 +235,186 @@ var errKeyConflict = chat.Unavailable("database", errors.New("store: an idempote
 //     request at a time), the senders' read positions (sending reads), and
 //     one message.created outbox event per new message, in seq order — one
 //     statement on PostgreSQL (writeSendsPostgres), four on SQLite.
+//
+// The steps are the same on both databases; how they reach the database is
+// not: PostgreSQL's run in two round trips (sendBatchPostgres), SQLite's in
+// a transaction of the writer connection (sendBatchSQLite).
 func (s *Store) sendBatch(ctx context.Context, ms []chat.NewMessage) ([]sendResult, error) {
-	type pair struct{ cid, uid string }
-	type key struct {
-		pair
-		key string
+	if s.d.sqlite() {
+		return s.sendBatchSQLite(ctx, ms)
 	}
+	return s.sendBatchPostgres(ctx, ms)
+}
+
+// batchConversations are the conversations of ms, sorted (the lock order)
+// and each once.
+func batchConversations(ms []chat.NewMessage) []string {
+	cids := make([]string, 0, len(ms))
+	for _, m := range ms {
+		cids = append(cids, m.ConversationID)
+	}
+	slices.Sort(cids)
+	return slices.Compact(cids)
+}
+
+// sendBatchSQLite runs sendBatch's steps in a transaction of the writer
+// connection.
+func (s *Store) sendBatchSQLite(ctx context.Context, ms []chat.NewMessage) ([]sendResult, error) {
 	stmts, err := s.sendStatements(ctx)
 	if err != nil {
 		return nil, dbErr(err)
 	}
 	var res []sendResult
 	err = s.inTx(ctx, func(tx *sqlx.Tx) error {
-		res = make([]sendResult, len(ms))
-		if !s.d.sqlite() {
-			if _, err := tx.ExecContext(ctx, batchPlans); err != nil {
-				return err
-			}
-		}
-
-		// 1. The locks, and the conversations' last seqs.
-		cids := make([]string, 0, len(ms))
-		for _, m := range ms {
-			cids = append(cids, m.ConversationID)
-		}
-		slices.Sort(cids)
-		cids = slices.Compact(cids)
-		var convs []struct {
-			ID        string         `db:"id"`
-			LastSeq   int64          `db:"last_seq"`
-			DirectKey sql.NullString `db:"direct_key"`
-		}
-		if err := tx.StmtxContext(ctx, stmts.lock).SelectContext(ctx, &convs, s.d.texts(cids)); err != nil {
+		var convs []lockedConv
+		if err := tx.StmtxContext(ctx, stmts.lock).SelectContext(ctx, &convs, s.d.texts(batchConversations(ms))); err != nil {
 			return err
 		}
-		last := make(map[string]int64, len(convs))
-		direct := map[string][]string{}
-		for _, c := range convs {
-			last[c.ID] = c.LastSeq
-			if to := directTo(c.DirectKey); to != nil {
-				direct[c.ID] = to
-			}
-		}
-
-		// 2. Membership, stored keys, metadata as stored.
-		var args []any
-		if s.d.sqlite() {
-			reqs := make([]sqliteReq, len(ms))
-			for i, m := range ms {
-				reqs[i] = sqliteReq{m.ConversationID, m.SenderID, m.ClientMsgID}
-			}
-			b, err := json.Marshal(reqs)
-			if err != nil {
-				return err
-			}
-			args = []any{string(b)}
-		} else {
-			rcids, uids := make([]string, len(ms)), make([]string, len(ms))
-			keys, mds := make([]sql.NullString, len(ms)), make([]sql.NullString, len(ms))
-			for i, m := range ms {
-				rcids[i], uids[i] = m.ConversationID, m.SenderID
-				keys[i] = sql.NullString{String: m.ClientMsgID, Valid: m.ClientMsgID != ""}
-				mds[i] = sql.NullString{String: string(m.Metadata), Valid: len(m.Metadata) > 0}
-			}
-			args = []any{pq.Array(rcids), pq.Array(uids), pq.Array(keys), pq.Array(mds)}
-		}
-		var checks []checkRow
-		if err := tx.StmtxContext(ctx, stmts.check).SelectContext(ctx, &checks, args...); err != nil {
-			return err
-		}
-		if len(checks) != len(ms) {
-			return errors.New("store: send check: wrong number of rows")
-		}
-
-		// 3. Who creates, and with which seq.
-		var (
-			creators []int
-			firstOf  = map[key]int{} // the creator of a key new in this batch
-			dupOf    = map[int]int{} // a later request of such a key → its creator
-			msgs     = make([]chat.Message, len(ms))
-		)
+		reqs := make([]sqliteReq, len(ms))
 		for i, m := range ms {
-			c := checks[i]
-			if _, locked := last[m.ConversationID]; !locked || !c.Member {
-				res[i].err = chat.ErrNotFound // no such conversation, or not a member
-				continue
-			}
-			if c.ID.Valid {
-				res[i] = replayOf(messageRow{ID: c.ID.String, ConversationID: c.ConversationID.String,
-					Seq: c.Seq.Int64, SenderID: c.SenderID.String, Text: c.Text.String, Metadata: c.Metadata,
-					ClientMsgID: c.ClientMsgID, CreatedAt: c.CreatedAt.Time}.message(), m)
-				continue
-			}
-			if m.ClientMsgID != "" {
-				k := key{pair{m.ConversationID, m.SenderID}, m.ClientMsgID}
-				if j, ok := firstOf[k]; ok {
-					dupOf[i] = j
-					continue
-				}
-				firstOf[k] = i
-			}
-			last[m.ConversationID]++
-			md := m.Metadata
-			if c.MD.Valid {
-				md = json.RawMessage(c.MD.String)
-			}
-			msgs[i] = chat.Message{ID: m.ID, ConversationID: m.ConversationID, Seq: last[m.ConversationID],
-				SenderID: m.SenderID, Text: m.Text, Metadata: nilIfEmpty(md), ClientMsgID: m.ClientMsgID,
-				CreatedAt: storedTime(m.CreatedAt)}
-			creators = append(creators, i)
+			reqs[i] = sqliteReq{m.ConversationID, m.SenderID, m.ClientMsgID}
 		}
-		if len(creators) == 0 {
-			return nil
-		}
-
-		// 4. The writes. Per conversation: its new last seq and the time of
-		// its last new message; per sender: the seq of their last one.
-		var w sendWrites
-		bumped := map[string]int{}
-		read := map[pair]int{}
-		evs := make([]chat.OutboxEvent, len(creators))
-		for n, i := range creators { // ascending seq within each conversation
-			msg := msgs[i]
-			if j, ok := bumped[msg.ConversationID]; ok {
-				w.convSeqs[j], w.convAts[j] = msg.Seq, msg.CreatedAt
-			} else {
-				bumped[msg.ConversationID] = len(w.convs)
-				w.convs, w.convSeqs, w.convAts = append(w.convs, msg.ConversationID), append(w.convSeqs, msg.Seq), append(w.convAts, msg.CreatedAt)
-			}
-			p := pair{msg.ConversationID, msg.SenderID}
-			if j, ok := read[p]; ok {
-				w.readSeqs[j] = msg.Seq
-			} else {
-				read[p] = len(w.readCids)
-				w.readCids, w.readUids, w.readSeqs = append(w.readCids, p.cid), append(w.readUids, p.uid), append(w.readSeqs, msg.Seq)
-			}
-			w.msgs = append(w.msgs, msg)
-			data, err := json.Marshal(msg)
-			if err != nil {
-				// Metadata that is not JSON, on SQLite (PostgreSQL's check
-				// statement has rejected it already): what its json_valid
-				// CHECK would have answered.
-				return &chat.Error{Code: chat.CodeInvalid, Message: "invalid value", Err: err}
-			}
-			evs[n] = chat.OutboxEvent{ConversationID: msg.ConversationID, Type: chat.EventMessageCreated,
-				Seq: msg.Seq, Data: data, CreatedAt: msg.CreatedAt}
-		}
-		var err error
-		if s.d.sqlite() {
-			evs, err = s.writeSendsSQLite(ctx, tx, &w, evs)
-		} else {
-			evs, err = s.writeSendsPostgres(ctx, tx.StmtxContext(ctx, stmts.write), &w, evs)
-		}
+		b, err := json.Marshal(reqs)
 		if err != nil {
 			return err
 		}
-		for n, i := range creators {
-			evs[n].To = direct[evs[n].ConversationID] // after the write: see directTo
-			res[i] = sendResult{msg: msgs[i], created: true, events: []chat.OutboxEvent{evs[n]}}
+		var checks []checkRow
+		if err := tx.StmtxContext(ctx, stmts.check).SelectContext(ctx, &checks, string(b)); err != nil {
+			return err
 		}
-		for i, j := range dupOf {
-			res[i] = replayOf(res[j].msg, ms[i])
+		p, err := planBatch(ms, convs, checks)
+		if err != nil {
+			return err
 		}
+		var stored []chat.OutboxEvent
+		if len(p.evs) > 0 {
+			if stored, err = s.writeSendsSQLite(ctx, tx, &p.w, p.evs); err != nil {
+				return err
+			}
+		}
+		res = p.results(stored)
 		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
 	return res, nil
+}
+
+// batchPlan is what a batch writes and answers, decided from the locked
+// conversations and the check (steps 3 and 4 of sendBatch).
+type batchPlan struct {
+	ms       []chat.NewMessage
+	res      []sendResult // the outcomes decided without writing: not found, replays
+	creators []int        // the requests that create a message, in seq order per conversation
+	dupOf    map[int]int  // a later request of a key new in the batch → its creator
+	msgs     []chat.Message
+	direct   map[string][]string // direct conversations' pairs (directTo)
+	w        sendWrites
+	evs      []chat.OutboxEvent // one per creator, as the write stores them
+}
+
+// planBatch numbers the new messages of ms and builds what the write
+// stores. The error is a request's that the database would have rejected
+// (metadata that is not JSON, on SQLite).
+func planBatch(ms []chat.NewMessage, convs []lockedConv, checks []checkRow) (*batchPlan, error) {
+	type pair struct{ cid, uid string }
+	type key struct {
+		pair
+		key string
+	}
+	if len(checks) != len(ms) {
+		return nil, errors.New("store: send check: wrong number of rows")
+	}
+	p := &batchPlan{ms: ms, res: make([]sendResult, len(ms)), dupOf: map[int]int{}, msgs: make([]chat.Message, len(ms)),
+		direct: map[string][]string{}}
+	last := make(map[string]int64, len(convs))
+	for _, c := range convs {
+		last[c.ID] = c.LastSeq
+		if to := directTo(c.DirectKey); to != nil {
+			p.direct[c.ID] = to
+		}
+	}
+
+	// 3. Who creates, and with which seq.
+	firstOf := map[key]int{} // the creator of a key new in this batch
+	for i, m := range ms {
+		c := checks[i]
+		if _, locked := last[m.ConversationID]; !locked || !c.Member {
+			p.res[i].err = chat.ErrNotFound // no such conversation, or not a member
+			continue
+		}
+		if c.ID.Valid {
+			p.res[i] = replayOf(messageRow{ID: c.ID.String, ConversationID: c.ConversationID.String,
+				Seq: c.Seq.Int64, SenderID: c.SenderID.String, Text: c.Text.String, Metadata: c.Metadata,
+				ClientMsgID: c.ClientMsgID, CreatedAt: c.CreatedAt.Time}.message(), m)
+			continue
+		}
+		if m.ClientMsgID != "" {
+			k := key{pair{m.ConversationID, m.SenderID}, m.ClientMsgID}
+			if j, ok := firstOf[k]; ok {
+				p.dupOf[i] = j
+				continue
+			}
+			firstOf[k] = i
+		}
+		last[m.ConversationID]++
+		md := m.Metadata
+		if c.MD.Valid {
+			md = json.RawMessage(c.MD.String)
+		}
+		p.msgs[i] = chat.Message{ID: m.ID, ConversationID: m.ConversationID, Seq: last[m.ConversationID],
+			SenderID: m.SenderID, Text: m.Text, Metadata: nilIfEmpty(md), ClientMsgID: m.ClientMsgID,
+			CreatedAt: storedTime(m.CreatedAt)}
+		p.creators = append(p.creators, i)
+	}
+
+	// 4. The writes. Per conversation: its new last seq and the time of
+	// its last new message; per sender: the seq of their last one.
+	w := &p.w
+	bumped := map[string]int{}
+	read := map[pair]int{}
+	p.evs = make([]chat.OutboxEvent, len(p.creators))
+	for n, i := range p.creators { // ascending seq within each conversation
+		msg := p.msgs[i]
+		if j, ok := bumped[msg.ConversationID]; ok {
+			w.convSeqs[j], w.convAts[j] = msg.Seq, msg.CreatedAt
+		} else {
+			bumped[msg.ConversationID] = len(w.convs)
+			w.convs, w.convSeqs, w.convAts = append(w.convs, msg.ConversationID), append(w.convSeqs, msg.Seq), append(w.convAts, msg.CreatedAt)
+		}
+		rp := pair{msg.ConversationID, msg.SenderID}
+		if j, ok := read[rp]; ok {
+			w.readSeqs[j] = msg.Seq
+		} else {
+			read[rp] = len(w.readCids)
+			w.readCids, w.readUids, w.readSeqs = append(w.readCids, rp.cid), append(w.readUids, rp.uid), append(w.readSeqs, msg.Seq)
+		}
+		w.msgs = append(w.msgs, msg)
+		data, err := json.Marshal(msg)
+		if err != nil {
+			// Metadata that is not JSON, on SQLite (PostgreSQL's check
+			// statement has rejected it already): what its json_valid
+			// CHECK would have answered.
+			return nil, &chat.Error{Code: chat.CodeInvalid, Message: "invalid value", Err: err}
+		}
+		p.evs[n] = chat.OutboxEvent{ConversationID: msg.ConversationID, Type: chat.EventMessageCreated,
+			Seq: msg.Seq, Data: data, CreatedAt: msg.CreatedAt}
+	}
+	return p, nil
+}
+
+// results are the batch's outcomes once its events are stored (stored:
+// p.evs with the ids and times the database gave them).
+func (p *batchPlan) results(stored []chat.OutboxEvent) []sendResult {
+	for n, i := range p.creators {
+		stored[n].To = p.direct[stored[n].ConversationID] // after the write: see directTo
+		p.res[i] = sendResult{msg: p.msgs[i], created: true, events: []chat.OutboxEvent{stored[n]}}
+	}
+	for i, j := range p.dupOf {
+		p.res[i] = replayOf(p.res[j].msg, p.ms[i])
+	}
+	return p.res
 }
 
 // storedTime is t as a time column stores it, in UTC: to the microsecond.
@@ -423,33 +435,6 @@ type sendWrites struct {
 	readCids, readUids []string
 	readSeqs           []int64
 	msgs               []chat.Message
-}
-
-// writeSendsPostgres runs writeSendsPostgres and returns evs as stored.
-func (s *Store) writeSendsPostgres(ctx context.Context, st *sqlx.Stmt, w *sendWrites, evs []chat.OutboxEvent) ([]chat.OutboxEvent, error) {
-	args, err := s.writeSendsArgs(w, evs)
-	if err != nil {
-		return nil, err
-	}
-	var rows []struct {
-		Inserted int `db:"inserted"`
-		insertedEvent
-	}
-	if err := st.SelectContext(ctx, &rows, args...); err != nil {
-		return nil, err
-	}
-	if len(rows) != len(evs) {
-		return nil, fmt.Errorf("outbox: inserted %d events, want %d", len(rows), len(evs))
-	}
-	if rows[0].Inserted != len(w.msgs) {
-		return nil, errKeyConflict
-	}
-	out := slices.Clone(evs)
-	for i := range out {
-		out[i].ID = rows[i].ID
-		out[i].CreatedAt = rows[i].CreatedAt.UTC()
-	}
-	return out, nil
 }
 
 // writeSendsArgs are writeSendsPostgres's parameters for w and evs.
