@@ -206,6 +206,8 @@ func (s *Store) writeAndCommit(ctx context.Context, conn *sqlx.Conn, p *batchPla
 		return nil, dbErr(err)
 	}
 	if len(rows) != len(p.evs) {
+		// Cannot be (the insert returns a row per event it is given), and
+		// comes after the commit: an error, as for an answer cut off.
 		return nil, dbErr(fmt.Errorf("outbox: inserted %d events, want %d", len(rows), len(p.evs)))
 	}
 	out := make([]chat.OutboxEvent, len(p.evs))
