@@ -454,6 +454,43 @@ func TestSendAfterConnectionsCut(t *testing.T) {
 	require.Equal(t, []int64{1, 2, 3}, msgSeqs(t, ctx, s, "g"))
 }
 
+// TestSendWriteKeyTaken: a write that meets an idempotency key stored after
+// all (the check, under the locks, did not see it) fails, and its COMMIT,
+// in the same round trip, does not run: the batch fails as errKeyConflict
+// and nothing of it is stored.
+func TestSendWriteKeyTaken(t *testing.T) {
+	t.Parallel()
+	ctx := batchCtx(t)
+	s := openPostgresT(t, testenv.DatabaseURL(t))
+	setupUsers(t, ctx, s, "ann", "bob")
+	setupGroupOf(t, ctx, s, "g", "ann", "bob")
+	_, _, _, err := s.Send(ctx, chat.NewMessage{ID: "m1", ConversationID: "g", SenderID: "ann", Text: "1",
+		ClientMsgID: "k", CreatedAt: chat.Now()})
+	require.NoError(t, err)
+
+	// A plan as if the check had not found the key: ann's "k" again, and
+	// bob's message, as seqs 2 and 3.
+	ms := []chat.NewMessage{
+		{ID: "m2", ConversationID: "g", SenderID: "ann", Text: "2", ClientMsgID: "k", CreatedAt: chat.Now()},
+		{ID: "m3", ConversationID: "g", SenderID: "bob", Text: "3", CreatedAt: chat.Now()},
+	}
+	p, err := planBatch(ms, []lockedConv{{ID: "g", LastSeq: 1}}, []checkRow{{Ord: 1, Member: true}, {Ord: 2, Member: true}})
+	require.NoError(t, err)
+	require.Len(t, p.evs, 2)
+	conn, err := s.db.Connx(ctx)
+	require.NoError(t, err)
+	defer discard(conn) // it may have the statements already: start it anew
+	_, err = conn.ExecContext(ctx, "DEALLOCATE ALL;\n"+sendPrepare+";\nBEGIN")
+	require.NoError(t, err)
+	_, err = s.writeAndCommit(ctx, conn, p)
+	require.ErrorIs(t, err, errKeyConflict)
+
+	require.Equal(t, []int64{1}, msgSeqs(t, ctx, s, "g"), "nothing of the batch stored")
+	c, err := s.Conversation(ctx, "g", "bob")
+	require.NoError(t, err)
+	require.Equal(t, int64(1), c.LastSeq, "no seq consumed")
+}
+
 // A batch waiting for a lock held elsewhere (another process on the SQLite
 // file) until every request's context has ended fails them all as
 // unavailable, and stores nothing.
@@ -967,8 +1004,8 @@ func TestSendBatchPlansUseIndexes(t *testing.T) {
 	// executed under batchPlans.
 	conn, err := s.db.Connx(ctx)
 	require.NoError(t, err)
-	defer discard(conn)
-	_, err = conn.ExecContext(ctx, sendPrepare+";\nBEGIN; "+batchPlans)
+	defer discard(conn) // it may have the statements already: start it anew
+	_, err = conn.ExecContext(ctx, "DEALLOCATE ALL;\n"+sendPrepare+";\nBEGIN; "+batchPlans)
 	require.NoError(t, err)
 	for _, st := range statements {
 		exec, err := executeSQL(st.name, st.args...)
