@@ -27,6 +27,9 @@ type TokenStore interface {
 	TokenByHash(ctx context.Context, secretHash []byte) (Token, error)
 	// TokenByID is TokenByHash by id: open streams re-check their token.
 	TokenByID(ctx context.Context, id string) (Token, error)
+	// TokensByID returns those of ids that exist, whatever their state, in
+	// any order: the token cache reads its live tokens again in bulk.
+	TokensByID(ctx context.Context, ids []string) ([]Token, error)
 	// Tokens lists a user's live tokens of a kind, newest first.
 	Tokens(ctx context.Context, userID string, kind TokenKind) ([]Token, error)
 	// RevokeToken revokes one of userID's tokens; CodeNotFound if it has none by that id.

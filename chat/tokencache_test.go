@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"io"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -20,10 +21,11 @@ import (
 // It counts reads, so the tests can tell a cache hit from a store read.
 type tokenStore struct {
 	chat.Store
-	mu      sync.Mutex
-	byHash  map[[32]byte]*chat.Token
-	reads   atomic.Int64
-	touches atomic.Int64
+	mu        sync.Mutex
+	byHash    map[[32]byte]*chat.Token
+	reads     atomic.Int64 // TokenByHash
+	bulkReads atomic.Int64 // TokensByID
+	touches   atomic.Int64
 }
 
 func newTokenStore() *tokenStore { return &tokenStore{byHash: map[[32]byte]*chat.Token{}} }
@@ -43,6 +45,19 @@ func (s *tokenStore) TokenByHash(_ context.Context, h []byte) (chat.Token, error
 		return chat.Token{}, chat.Errorf(chat.CodeNotFound, "no such token")
 	}
 	return *t, nil
+}
+
+func (s *tokenStore) TokensByID(_ context.Context, ids []string) ([]chat.Token, error) {
+	s.bulkReads.Add(1)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []chat.Token
+	for _, t := range s.byHash {
+		if slices.Contains(ids, t.ID) {
+			out = append(out, *t)
+		}
+	}
+	return out, nil
 }
 
 func (s *tokenStore) RevokeToken(_ context.Context, uid, id string, at time.Time) error {
@@ -201,6 +216,33 @@ func TestTokenCacheRevocationWithoutBus(t *testing.T) {
 	// The poll interval and a loaded machine add to the window, not the cache.
 	if d := time.Since(revokedAt); d > ttl+time.Second {
 		t.Errorf("refused %v after the revocation, want within %v", d, ttl)
+	}
+}
+
+// TestTokenCacheRenewsLiveTokens: a token in use is read again in bulk
+// before its entry expires, so its requests keep being answered from the
+// cache: one read by hash in all, where without the renewal each TTL would
+// cost one more.
+func TestTokenCacheRenewsLiveTokens(t *testing.T) {
+	t.Parallel()
+	const ttl = time.Second
+	st := newTokenStore()
+	st.add(secretA, chat.Token{ID: "tok_a", UserID: "alice", Kind: chat.TokenAPI})
+	svc := startNodeWith(t, st, newMemory(t), chat.Config{TokenCacheTTL: ttl})
+	cached(t, svc, st, secretA)
+	ctx := context.Background()
+	start, reads := time.Now(), st.reads.Load()
+	testenv.Eventually(t, 10*ttl, func() bool {
+		if _, err := svc.Authenticate(ctx, secretA); err != nil {
+			t.Fatalf("authenticate: %v", err)
+		}
+		return time.Since(start) > 4*ttl
+	}, "four TTLs of requests")
+	if n := st.reads.Load() - reads; n > 1 {
+		t.Errorf("%d reads by hash over four TTLs of requests, want at most 1 (renewed in bulk)", n)
+	}
+	if n := st.bulkReads.Load(); n < 3 {
+		t.Errorf("%d bulk reads over four TTLs, want at least 3", n)
 	}
 }
 

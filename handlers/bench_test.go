@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -56,6 +57,20 @@ func (f *fakeStore) TouchToken(context.Context, string, time.Time) error {
 func (f *fakeStore) Send(_ context.Context, m chat.NewMessage) (chat.Message, bool, chat.Changed, error) {
 	return chat.Message{ID: m.ID, ConversationID: m.ConversationID, Seq: f.seq.Add(1), SenderID: m.SenderID,
 		Text: m.Text, Metadata: m.Metadata, ClientMsgID: m.ClientMsgID, CreatedAt: m.CreatedAt}, true, chat.Changed{}, nil
+}
+
+// TokensByID is the token cache's bulk read; it counts as lookups too.
+func (f *fakeStore) TokensByID(_ context.Context, ids []string) ([]chat.Token, error) {
+	f.lookups.Add(1)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []chat.Token
+	for _, t := range f.tokens {
+		if slices.Contains(ids, t.ID) {
+			out = append(out, t)
+		}
+	}
+	return out, nil
 }
 
 func (f *fakeStore) ClaimEvents(context.Context, time.Time, time.Duration, int) ([]chat.OutboxEvent, error) {

@@ -74,6 +74,24 @@ func (s *Store) TokenByID(ctx context.Context, id string) (chat.Token, error) {
 	return r.token(), nil
 }
 
+// TokensByID returns those of ids that exist, whatever their state, in no
+// particular order: the token cache reads its live tokens again in bulk.
+func (s *Store) TokensByID(ctx context.Context, ids []string) ([]chat.Token, error) {
+	if len(ids) == 0 {
+		return nil, nil
+	}
+	var rows []tokenRow
+	if err := s.rdb.SelectContext(ctx, &rows,
+		`SELECT `+tokenCols+` FROM tokens WHERE id `+s.d.inTexts(1), s.d.texts(ids)); err != nil {
+		return nil, dbErr(err)
+	}
+	out := make([]chat.Token, len(rows))
+	for i, r := range rows {
+		out[i] = r.token()
+	}
+	return out, nil
+}
+
 // Tokens lists userID's tokens of kind that are neither revoked nor expired,
 // newest first. Expiry is judged by the database clock: the port gives no time.
 func (s *Store) Tokens(ctx context.Context, userID string, kind chat.TokenKind) ([]chat.Token, error) {

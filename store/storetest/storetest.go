@@ -12,6 +12,7 @@
 package storetest
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -255,6 +256,14 @@ func testTokens(f *fixture) {
 	want := a4
 	want.RevokedAt = &revokedAt
 	require.Equal(t, want, got)
+
+	bulk, err := f.s.TokensByID(f.ctx, []string{"a2", "nope", "a4", "s1"})
+	require.NoError(t, err)
+	slices.SortFunc(bulk, func(a, b chat.Token) int { return cmp.Compare(a.ID, b.ID) })
+	require.Equal(t, []chat.Token{a2, want, s1}, bulk, "those that exist, revoked too")
+	bulk, err = f.s.TokensByID(f.ctx, nil)
+	require.NoError(t, err)
+	require.Empty(t, bulk)
 
 	live, err := f.s.Tokens(f.ctx, "u", chat.TokenAPI)
 	require.NoError(t, err)
