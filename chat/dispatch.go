@@ -365,11 +365,11 @@ func (d *dispatcher) deliver(ctx context.Context, evs []OutboxEvent, paced func(
 		if len(to) == 0 {
 			continue
 		}
-		evDs, activity, err := s.deliveries(ctx, ev, to)
-		if err != nil {
+		var activity time.Time
+		var err error
+		if ds, activity, err = s.deliveries(ctx, ds, ev, to); err != nil {
 			return err
 		}
-		ds = append(ds, evDs...)
 		switch ev.Type {
 		case EventConversationCreated:
 			// The list orders by the conversation's own last activity (as
@@ -473,10 +473,12 @@ func sleepCtx(ctx context.Context, d time.Duration) {
 	}
 }
 
-// deliveries builds the log entries of ev for its recipients; for
+// deliveries appends the log entries of ev for its recipients to ds; for
 // conversation events it also returns the conversation's last activity.
-func (s *Service) deliveries(ctx context.Context, ev OutboxEvent, to []string) ([]Delivery, time.Time, error) {
-	ds := make([]Delivery, 0, len(to))
+// (Appending in place: a round of a large group is tens of thousands of
+// deliveries, which a slice per event and a copy had allocated twice.)
+func (s *Service) deliveries(ctx context.Context, ds []Delivery, ev OutboxEvent, to []string) ([]Delivery, time.Time, error) {
+	ds = slices.Grow(ds, len(to))
 	var activity time.Time
 	switch ev.Type {
 	case EventConversationCreated, EventConversationUpdated:

@@ -181,8 +181,9 @@ func (s *Service) earlyEvents(ctx context.Context, st *streamState, ib *inbox) [
 			st.knowLog(head, seqs)
 		}
 	}
-	var evs []StreamEvent
-	for _, m := range ib.take() {
+	msgs := ib.take()
+	evs := make([]StreamEvent, 0, len(msgs)) // one allocation, not a growing one per wake-up
+	for _, m := range msgs {
 		if ev, ok := st.early(m); ok {
 			evs = append(evs, ev)
 		}

@@ -469,17 +469,27 @@ func (r *Redis) Append(ctx context.Context, ds []chat.Delivery) ([]chat.Gap, err
 			}
 		}
 	}
+	// An entry goes in every call of its round (a message to 1000 members
+	// in 16 calls or more): its arguments are made once per entry, not
+	// once per call.
+	type entryText struct{ seq, base, act, stored, pushed string }
+	texts := make(map[*chat.LogEntry]entryText)
 	scripts := make([]scriptCall, len(calls))
 	for ci, c := range calls {
 		keys := make([]string, 0, 6*len(c.users))
 		args := make([]any, 0, 3+8*len(c.entries)+len(c.users)*4+c.work)
 		args = append(args, capArg, ttl, strconv.Itoa(len(c.entries)))
 		for _, e := range c.entries {
-			stored := string(e.Type) + " " + string(e.Data)
-			args = append(args, e.Key, e.ConversationID,
-				strconv.FormatInt(max(e.Seq, 0), 10), strconv.FormatInt(max(e.Baseline, 0), 10),
-				boolArg(e.Forget), activityArg(e.ConversationID, e.Activity),
-				stored, strconv.Itoa(len(stored))+":"+stored)
+			t, ok := texts[e]
+			if !ok {
+				t.seq, t.base = strconv.FormatInt(max(e.Seq, 0), 10), strconv.FormatInt(max(e.Baseline, 0), 10)
+				t.act = activityArg(e.ConversationID, e.Activity)
+				// As the list stores it, and as a wake-up carries it.
+				t.stored = string(e.Type) + " " + string(e.Data)
+				t.pushed = strconv.Itoa(len(t.stored)) + ":" + t.stored
+				texts[e] = t
+			}
+			args = append(args, e.Key, e.ConversationID, t.seq, t.base, boolArg(e.Forget), t.act, t.stored, t.pushed)
 		}
 		for _, b := range c.users {
 			keys = append(append(keys, r.logKeys(b.uid)...), r.sessionKey(b.uid))
