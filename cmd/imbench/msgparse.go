@@ -103,20 +103,37 @@ func (s *scanner) str() []byte {
 	if !s.ok {
 		return nil
 	}
-	start := s.i
-	for s.i < len(s.b) {
-		switch s.b[s.i] {
-		case '"':
-			s.i++
-			return s.b[start : s.i-1]
-		case '\\':
-			s.ok = false
-			return nil
-		}
-		s.i++
+	// IndexByte rather than a loop over the bytes: the strings are most of
+	// a message, and this is most of the tool's own work per event.
+	j := bytes.IndexByte(s.b[s.i:], '"')
+	if j < 0 || bytes.IndexByte(s.b[s.i:s.i+j], '\\') >= 0 {
+		s.ok = false
+		return nil
 	}
-	s.ok = false
-	return nil
+	v := s.b[s.i : s.i+j]
+	s.i += j + 1
+	return v
+}
+
+// skipStr passes over the rest of a string whose opening quote is behind s.i.
+func (s *scanner) skipStr() {
+	for {
+		j := bytes.IndexByte(s.b[s.i:], '"')
+		if j < 0 {
+			s.ok = false
+			return
+		}
+		if k := bytes.IndexByte(s.b[s.i:s.i+j], '\\'); k >= 0 {
+			s.i += k + 2 // the escape and the byte it escapes, which may be a quote
+			if s.i > len(s.b) {
+				s.ok = false
+				return
+			}
+			continue
+		}
+		s.i += j + 1
+		return
+	}
 }
 
 // int reads an integer; a fraction or exponent fails the scan.
@@ -156,18 +173,7 @@ func (s *scanner) skip() {
 	switch s.peek() {
 	case '"':
 		s.i++
-		for s.i < len(s.b) {
-			switch s.b[s.i] {
-			case '\\':
-				s.i += 2
-				continue
-			case '"':
-				s.i++
-				return
-			}
-			s.i++
-		}
-		s.ok = false
+		s.skipStr()
 	case '{', '[':
 		depth := 0
 		for s.i < len(s.b) {

@@ -18,6 +18,9 @@ func TestParseMessage(t *testing.T) {
 		// PostgreSQL jsonb style: spaces, keys reordered, extra keys, nesting.
 		{` { "seq" : 9 , "metadata" : {"k": 1, "n": 2, "t": 5, "x": {"a":[1,{"b":"}"}]}} , "text":"a \"quoted\" } text","conversation_id" : "c_2", "id":"m_2"} `,
 			msgInfo{id: []byte("m_2"), conv: []byte("c_2"), seq: 9, t: 5, k: 1, n: 2, hasT: true}},
+		// Escapes in skipped strings, one right before the closing quote.
+		{`{"text":"back\\","x":"q\"\\\"","id":"m_6","conversation_id":"c","seq":4}`,
+			msgInfo{id: []byte("m_6"), conv: []byte("c"), seq: 4}},
 		// No metadata: no send time.
 		{`{"id":"m_3","conversation_id":"c","seq":1,"text":"x"}`, msgInfo{id: []byte("m_3"), conv: []byte("c"), seq: 1}},
 		{`{"id":"m_4","conversation_id":"c","seq":2,"metadata":null}`, msgInfo{id: []byte("m_4"), conv: []byte("c"), seq: 2}},
@@ -94,4 +97,13 @@ func TestSSEReaderAllocatesNothing(t *testing.T) {
 func TestAppendSendBody(t *testing.T) {
 	b := appendSendBody(nil, 3, 42, 1718000000123456789)
 	require.JSONEq(t, `{"text":"imbench 3-42","metadata":{"t":1718000000123456789,"k":3,"n":42}}`, string(b))
+}
+
+// The scan itself, not its encoding/json fallback, passes over escapes in
+// the strings it skips, a quote among them.
+func TestScanMessageSkipsEscapes(t *testing.T) {
+	in := []byte(`{"text":"a \"quoted\" } text","x":"q\"\\\"","y":"back\\","id":"m_6","conversation_id":"c","seq":4}`)
+	var m msgInfo
+	require.True(t, scanMessage(in, &m))
+	require.Equal(t, msgInfo{id: []byte("m_6"), conv: []byte("c"), seq: 4}, m)
 }
