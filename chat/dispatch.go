@@ -527,9 +527,16 @@ func (s *Service) deliveries(ctx context.Context, ds []Delivery, ev OutboxEvent,
 //
 // When a log does not know where a conversation starts (LastSeq -1: a new
 // group, a member whose conversation.created is still in flight, a lost
-// log), the fill starts gapFillBatch messages back and tells the log so
-// with a Baseline: at worst some messages the client already has arrive
-// again under new ids; none is skipped.
+// log), the fill starts at the conversation's oldest message still
+// awaiting dispatch (Outbox.PendingMessages; usually the one that reported
+// the gap), and tells the log so with a Baseline. Only such a message can
+// still reach the log after the fill; were the fill to start above it, the
+// log would take it for a duplicate and drop it. Everything below it has
+// been dispatched: a lost log's stream was told to resync, and a new
+// member's history is the REST API's. The fill reaches back gapFillBatch
+// messages at most: when more of the conversation's messages are pending
+// (a long outage), the older ones are dropped from this log as they come,
+// as duplicates.
 //
 // A fill can itself be refused as a gap: the log moved between the gap's
 // report and the fill's append (another fill of the conversation gave it a
@@ -580,10 +587,27 @@ func (s *Service) fillOnce(ctx context.Context, gaps []Gap) ([]Gap, error) {
 			sp.lo, sp.unknown = g.LastSeq, false
 		}
 	}
+	var unknown []string
+	for _, sp := range order {
+		if sp.unknown && !slices.Contains(unknown, sp.cid) {
+			unknown = append(unknown, sp.cid)
+		}
+	}
+	var pending map[string]int64
+	if len(unknown) > 0 {
+		var err error
+		if pending, err = s.store.PendingMessages(ctx, unknown); err != nil {
+			return nil, err
+		}
+	}
 	lo, hi := map[string]int64{}, map[string]int64{}
 	for _, sp := range order {
 		if sp.unknown {
-			sp.lo = max(0, sp.hi-1-gapFillBatch)
+			from := sp.hi
+			if p, ok := pending[sp.cid]; ok {
+				from = min(from, p)
+			}
+			sp.lo = max(0, from-1, sp.hi-1-gapFillBatch)
 		}
 		if l, ok := lo[sp.cid]; !ok || sp.lo < l {
 			lo[sp.cid] = sp.lo

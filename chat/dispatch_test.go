@@ -153,10 +153,21 @@ func TestAppendRoundPaced(t *testing.T) {
 }
 
 // historyStore is a Store whose Messages serves one conversation's
-// messages 1..n; nothing else of it may be used.
+// messages 1..n, and whose PendingMessages says the outbox holds messages
+// from pending on (0: none); nothing else of it may be used.
 type historyStore struct {
 	Store
-	n int64
+	n, pending int64
+}
+
+func (h historyStore) PendingMessages(_ context.Context, cids []string) (map[string]int64, error) {
+	out := map[string]int64{}
+	if h.pending > 0 {
+		for _, cid := range cids {
+			out[cid] = h.pending
+		}
+	}
+	return out, nil
 }
 
 func (h historyStore) Messages(_ context.Context, cid string, q HistoryQuery) ([]Message, bool, error) {
@@ -174,12 +185,14 @@ func (h historyStore) Messages(_ context.Context, cid string, q HistoryQuery) ([
 // fill starts there.
 func TestFillGapsShared(t *testing.T) {
 	rec := &appendRecorder{}
-	s := &Service{rt: rec, store: historyStore{n: 600}}
+	// The outbox holds more than gapFillBatch of c1's messages: the fills
+	// of c and d, whose logs do not know c1, start gapFillBatch back.
+	s := &Service{rt: rec, store: historyStore{n: 600, pending: 50}}
 	require.NoError(t, s.fillGaps(context.Background(), []Gap{
 		{UserID: "a", ConversationID: "c1", LastSeq: 597, Seq: 599},
 		{UserID: "a", ConversationID: "c1", LastSeq: 597, Seq: 600},
 		{UserID: "b", ConversationID: "c1", LastSeq: 595, Seq: 600},
-		{UserID: "c", ConversationID: "c1", LastSeq: -1, Seq: 600}, // starts gapFillBatch back
+		{UserID: "c", ConversationID: "c1", LastSeq: -1, Seq: 600},
 		{UserID: "d", ConversationID: "c1", LastSeq: -1, Seq: 600},
 	}))
 	require.Len(t, rec.calls, 1)
@@ -219,6 +232,40 @@ func TestFillGapsShared(t *testing.T) {
 			}
 			bySeq[e.Seq] = e
 		}
+	}
+}
+
+// TestFillGapsFromPending: a log that does not know where a conversation
+// stands is filled from the conversation's oldest message still in the
+// outbox (only such a message can still arrive), not from further back; a
+// known log's fill is not bounded by the outbox.
+func TestFillGapsFromPending(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name    string
+		pending int64
+		gaps    []Gap
+		want    []int64
+		base    int64 // the first entry's Baseline
+	}{
+		{"the gap's own message pending", 600, []Gap{{UserID: "u", ConversationID: "c1", LastSeq: -1, Seq: 600}}, []int64{600}, 599},
+		{"earlier ones pending", 597, []Gap{{UserID: "u", ConversationID: "c1", LastSeq: -1, Seq: 600}}, []int64{597, 598, 599, 600}, 596},
+		// A gap reported by a fill's own append: its messages need not be pending.
+		{"none pending", 0, []Gap{{UserID: "u", ConversationID: "c1", LastSeq: -1, Seq: 600}}, []int64{600}, 599},
+		{"known log", 600, []Gap{{UserID: "u", ConversationID: "c1", LastSeq: 590, Seq: 600}}, []int64{591, 592, 593, 594, 595, 596, 597, 598, 599, 600}, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rec := &appendRecorder{}
+			s := &Service{rt: rec, store: historyStore{n: 600, pending: tc.pending}}
+			require.NoError(t, s.fillGaps(ctx, tc.gaps))
+			require.Len(t, rec.calls, 1)
+			var got []int64
+			for _, dl := range rec.calls[0] {
+				got = append(got, dl.Entry.Seq)
+			}
+			require.Equal(t, tc.want, got)
+			require.Equal(t, tc.base, rec.calls[0][0].Entry.Baseline)
+		})
 	}
 }
 

@@ -156,6 +156,13 @@ type Outbox interface {
 	ClaimEvents(ctx context.Context, olderThan time.Time, lease time.Duration, limit int) ([]OutboxEvent, error)
 	// EventsDone deletes dispatched events.
 	EventsDone(ctx context.Context, ids []int64) error
+	// PendingMessages returns, for each of cids that has any, the lowest seq
+	// of its messages whose events are still in the outbox. Every message of
+	// the conversation below it has been dispatched (seq order is commit
+	// order, and an event leaves the outbox only once its logs have it), so
+	// a log that lost its place in the conversation need not be filled from
+	// further back than that (Service.fillGaps).
+	PendingMessages(ctx context.Context, cids []string) (map[string]int64, error)
 }
 
 // Store is the source of truth: PostgreSQL, or SQLite in the embedded mode.

@@ -3,6 +3,7 @@ package store
 import (
 	"cmp"
 	"context"
+	"database/sql"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -235,4 +236,39 @@ func (s *Store) EventsDone(ctx context.Context, ids []int64) error {
 	}
 	_, err := s.db.ExecContext(ctx, `DELETE FROM outbox WHERE id `+s.d.inInts(1), s.d.ints(ids))
 	return dbErr(err)
+}
+
+// PendingMessages implements chat.Outbox. The outbox is a queue, small
+// while Redis keeps up; after an outage it holds everything sent meanwhile,
+// and that is when logs are refilled. So each conversation's lowest seq is
+// one entry of the partial index outbox_message_seq_idx (ORDER BY seq LIMIT
+// 1), however many of its messages are pending.
+func (s *Store) PendingMessages(ctx context.Context, cids []string) (map[string]int64, error) {
+	out := make(map[string]int64, len(cids))
+	if len(cids) == 0 {
+		return out, nil
+	}
+	var rows []struct {
+		ConversationID string        `db:"conversation_id"`
+		Seq            sql.NullInt64 `db:"seq"` // NULL: none pending
+	}
+	if err := s.rdb.SelectContext(ctx, &rows, s.pendingMessagesSQL(), s.d.texts(cids)); err != nil {
+		return nil, dbErr(err)
+	}
+	for _, r := range rows {
+		if r.Seq.Valid {
+			out[r.ConversationID] = r.Seq.Int64
+		}
+	}
+	return out, nil
+}
+
+// pendingMessagesSQL is PendingMessages' query. The type is a literal, not a
+// parameter, so that the planner can match the index's predicate.
+func (s *Store) pendingMessagesSQL() string {
+	return `SELECT c.id AS conversation_id,
+		(SELECT o.seq FROM outbox o
+		 WHERE o.type = '` + string(chat.EventMessageCreated) + `' AND o.conversation_id = c.id
+		 ORDER BY o.seq LIMIT 1) AS seq
+		FROM ` + s.d.unnestTexts(1, "c")
 }

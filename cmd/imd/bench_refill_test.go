@@ -16,10 +16,11 @@ import (
 // lost every user's log (a Redis restart without persistence): 1000
 // members, 600 messages of history; then, per iteration, every offline:*
 // key of the node is deleted and one more message is sent. A log that does
-// not know where the conversation stands is filled from the store, up to
-// 500 messages back (chat.fillGaps), so every member's new log holds 501
-// entries where one would do (docs/performance.md, "What limits remain").
-// The clock runs from the send until every member's log has the message.
+// not know where the conversation stands is filled from the store, from the
+// conversation's oldest message still in the outbox (chat.fillGaps; up to
+// 500 messages back before docs/performance.md item 29, so every member's
+// new log held 501 entries where one does). The clock runs from the send
+// until every member's log has the message.
 //
 // Reported: ms/refill, Redis CPU per refill (redis-cpu-ms, from INFO cpu:
 // Redis' own CPU, whoever else uses it), and the entries one member's log

@@ -58,6 +58,7 @@ func Run(t *testing.T, open func(t *testing.T) chat.Store) {
 		{"ConversationViews", testConversationViews},
 		{"ActivityPage", testActivityPage},
 		{"Outbox", testOutbox},
+		{"PendingMessages", testPendingMessages},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -1399,4 +1400,41 @@ func testOutbox(f *fixture) {
 		return len(again) > 0
 	}, "the lease of the event not done runs out")
 	require.Equal(t, ch2.Events, again)
+}
+
+// testPendingMessages: the lowest seq of each conversation's messages still
+// in the outbox; other events do not count, and dispatched ones are gone.
+func testPendingMessages(f *fixture) {
+	t := f.t
+	f.users("ann", "bob")
+	f.group("g", "ann", "bob")
+	f.group("h", "ann", "bob")
+	pending := func(cids ...string) map[string]int64 {
+		t.Helper()
+		p, err := f.s.PendingMessages(f.ctx, cids)
+		require.NoError(t, err)
+		return p
+	}
+	require.Empty(t, pending(), "no conversations")
+	require.Empty(t, pending("g", "h"), "only the groups' creation events are pending")
+
+	var ids []int64 // g's message events, by seq
+	for i := range 3 {
+		_, _, ch, err := f.s.Send(f.ctx, f.newMessage("g", "bob", fmt.Sprint("m", i)))
+		require.NoError(t, err)
+		require.Len(t, ch.Events, 1)
+		ids = append(ids, ch.Events[0].ID)
+	}
+	require.Equal(t, map[string]int64{"g": 1}, pending("g", "h", "nope"))
+
+	// Dispatched out of order: the lowest left counts.
+	require.NoError(t, f.s.EventsDone(f.ctx, ids[1:2]))
+	require.Equal(t, map[string]int64{"g": 1}, pending("g"))
+	require.NoError(t, f.s.EventsDone(f.ctx, ids[:1]))
+	require.Equal(t, map[string]int64{"g": 3}, pending("g"))
+
+	f.send("h", "ann", "in h")
+	require.Equal(t, map[string]int64{"g": 3, "h": 1}, pending("g", "h"))
+	require.NoError(t, f.s.EventsDone(f.ctx, ids[2:]))
+	require.Equal(t, map[string]int64{"h": 1}, pending("g", "h"))
 }
