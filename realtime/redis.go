@@ -189,10 +189,10 @@ type scriptCall struct {
 // own error; the returned error is the first one other than redis.Nil.
 // maxPipeline bounds the script calls sent in one pipeline, so that its
 // replies come within the read timeout (1 s) even on a loaded Redis: most
-// calls take microseconds, and an append call is bounded to about a
-// millisecond (appendUsers, appendWork), so 256 of them stay near a quarter
-// of a second at worst.
-const maxPipeline = 256
+// calls take microseconds, and an append call is bounded to about one to
+// two milliseconds (appendUsers, appendWork), so 128 of them stay near a
+// quarter of a second at worst.
+const maxPipeline = 128
 
 // pipelinesInFlight is how many of one call's pipelines run at once, each on
 // its own pooled connection: Redis executes them one after the other anyway,

@@ -625,6 +625,21 @@ func TestSummaryWakeUps(t *testing.T) {
 	require.False(t, ok)
 	require.Len(t, questions, 2, "not asked about rounds that are not summed up")
 
+	// A round too big to carry, of which the log already has all but two:
+	// the call left the wake-up form out (every user took all of it), so
+	// the two come with a summary, not carried, though they would fit; the
+	// stream that lacks them reads them from the log.
+	_, err = rt.Append(ctx, big("c1", 61, 72))
+	require.NoError(t, err)
+	recvWake(t, s, 5*time.Second, "a round of duplicates but two")
+	_, n, ok = s.Since(chat.Position{Epoch: next.Epoch, Offset: next.Offset + 21}, have(false))
+	require.False(t, ok, "not carried")
+	require.Equal(t, asked{"c1", 72}, questions[len(questions)-1])
+	evs, _, err = rt.Read(ctx, "alice", n, 10)
+	require.NoError(t, err)
+	require.Len(t, evs, 2, "seqs 71 and 72")
+	next.Offset += 2
+
 	// A summary that does not start right after the position is a hole.
 	next.Offset += 21
 	_, err = rt.Append(ctx, big("c1", 71, 90))

@@ -1444,6 +1444,32 @@ func BenchAppend(b *testing.B, open func(b *testing.B) chat.Realtime) {
 		}
 		b.ReportMetric(float64(b.N*32*users)/b.Elapsed().Seconds(), "recipients/s")
 	})
+	// A round of a busy group: 256 messages of one conversation to 50
+	// members (the hot scenario's rounds), where each script call carries
+	// many entries for a few users.
+	b.Run("batch256", func(b *testing.B) {
+		const members = 50
+		rt := open(b)
+		cid := fmt.Sprintf("c%d", convs.Add(1))
+		seq := int64(0)
+		ds := make([]chat.Delivery, 0, 256*members)
+		for b.Loop() {
+			ds = ds[:0]
+			for range 256 {
+				seq++
+				e := &chat.LogEntry{Key: fmt.Sprintf("o%s-%d", cid, seq), Type: chat.EventMessageCreated,
+					ConversationID: cid, Seq: seq, Data: data}
+				for u := range members {
+					ds = append(ds, chat.Delivery{UserID: fmt.Sprintf("u%d", u), Entry: e})
+				}
+			}
+			gaps, err := rt.Append(context.Background(), ds)
+			if err != nil || len(gaps) > 0 {
+				b.Errorf("append: %v, gaps %v", err, gaps)
+			}
+		}
+		b.ReportMetric(float64(b.N*256*members)/b.Elapsed().Seconds(), "recipients/s")
+	})
 	b.Run("parallel", func(b *testing.B) {
 		rt := open(b)
 		b.SetParallelism(4) // 4 callers per CPU
