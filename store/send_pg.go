@@ -221,14 +221,12 @@ func (s *Store) writeAndCommit(ctx context.Context, conn *sqlx.Conn, p *batchPla
 // executeSQL is the statement that executes the prepared statement name
 // with args (pq.Array values, strings, NULLs) as literals.
 func executeSQL(name string, args ...any) (string, error) {
-	var b strings.Builder
-	b.WriteString("EXECUTE ")
-	b.WriteString(name)
-	b.WriteByte('(')
+	// The literals first, then the statement in one allocation: the write's
+	// arguments carry every message of the batch, and a builder that grows
+	// by doubling had allocated them about twice over.
+	lits := make([]string, len(args))
+	size := len("EXECUTE ()") + len(name)
 	for i, a := range args {
-		if i > 0 {
-			b.WriteString(", ")
-		}
 		if v, ok := a.(driver.Valuer); ok {
 			var err error
 			if a, err = v.Value(); err != nil {
@@ -237,16 +235,28 @@ func executeSQL(name string, args ...any) (string, error) {
 		}
 		switch v := a.(type) {
 		case nil:
-			b.WriteString("NULL")
+			lits[i] = "NULL"
 		case string:
 			if strings.IndexByte(v, 0) >= 0 {
 				return "", &chat.Error{Code: chat.CodeInvalid, Message: "invalid value",
 					Err: errors.New("store: NUL in a batch's argument")}
 			}
-			b.WriteString(pq.QuoteLiteral(v))
+			lits[i] = pq.QuoteLiteral(v)
 		default:
 			return "", fmt.Errorf("store: no literal for %T", a)
 		}
+		size += len(lits[i]) + len(", ")
+	}
+	var b strings.Builder
+	b.Grow(size)
+	b.WriteString("EXECUTE ")
+	b.WriteString(name)
+	b.WriteByte('(')
+	for i, lit := range lits {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteString(lit)
 	}
 	b.WriteByte(')')
 	return b.String(), nil
