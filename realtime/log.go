@@ -82,7 +82,8 @@ end
 // number of distinct entries E, then 8 per entry (key, conversation id,
 // seq, baseline, forget 1/0, activity unix ms or 0, the entry as the list
 // stores it "<type> <data>", and as a wake-up carries it "<length>:<type>
-// <data>"), then per user: epoch candidate, channel, the count of its
+// <data>", empty in every entry of a call whose wake-ups cannot carry
+// them: carries), then per user: epoch candidate, channel, the count of its
 // entries and their numbers (1-based, in order), or "*" for all entries in
 // order. Returns a flat list of (user number, the entry's place in that
 // user's list, last seq) for the entries not appended because of a gap.
