@@ -83,7 +83,7 @@ end
 // seq, baseline, forget 1/0, activity unix ms or 0, the entry as the list
 // stores it "<type> <data>", and as a wake-up carries it "<length>:<type>
 // <data>", empty in every entry of a call whose wake-ups cannot carry
-// them: carries), then per user: epoch candidate, channel, the count of its
+// them: fitWakeUp), then per user: epoch candidate, channel, the count of its
 // entries and their numbers (1-based, in order), or "*" for all entries in
 // order. Returns a flat list of (user number, the entry's place in that
 // user's list, last seq) for the entries not appended because of a gap.
@@ -485,7 +485,14 @@ func (r *Redis) Append(ctx context.Context, ds []chat.Delivery) ([]chat.Gap, err
 		keys := make([]string, 0, 6*len(c.users))
 		args := make([]any, 0, 3+8*len(c.entries)+len(c.users)*4+c.work)
 		args = append(args, capArg, ttl, strconv.Itoa(len(c.entries)))
-		carry := carries(c.entries, c.users)
+		// Each user takes all of the call's entries ("*", below), or some.
+		takesAll := make([]bool, len(c.users))
+		everyone := true
+		for i, b := range c.users {
+			takesAll[i] = allEntries(b.entries, c.entries)
+			everyone = everyone && takesAll[i]
+		}
+		carry := !everyone || fitWakeUp(c.entries)
 		for _, e := range c.entries {
 			t, ok := texts[e]
 			if !ok {
@@ -504,13 +511,13 @@ func (r *Redis) Append(ctx context.Context, ds []chat.Delivery) ([]chat.Gap, err
 			}
 			args = append(args, e.Key, e.ConversationID, t.seq, t.base, boolArg(e.Forget), t.act, t.stored, pushed)
 		}
-		for _, b := range c.users {
+		for i, b := range c.users {
 			keys = append(append(keys, r.logKeys(b.uid)...), r.sessionKey(b.uid))
 			// A fresh epoch per user (used only if the log is new): ids of
 			// different users' logs must never collide, or a Last-Event-ID of
 			// one account would be served from another's log.
 			args = append(args, newEpoch(), r.userChannel(b.uid))
-			if allEntries(b.entries, c.entries) {
+			if takesAll[i] {
 				args = append(args, "*")
 				continue
 			}
@@ -541,36 +548,28 @@ func (r *Redis) Append(ctx context.Context, ds []chat.Delivery) ([]chat.Gap, err
 	return gaps, nil
 }
 
-// allEntries reports whether a user's entries are all of a call's, in its
-// order: the usual case in a group's round, sent as "*" instead of a number
-// per entry (which Redis had to turn into a Lua string and back into a
-// number for every recipient).
-// carries reports whether a call's wake-ups may carry its entries, which
-// then travel twice, as the list stores them and as a wake-up carries them.
-// A wake-up carries at most pushSize bytes of entries: when every user
-// takes all of the call's entries and they do not fit, no user's wake-up
-// can carry them (it sums them up, or is empty), and the second copy, half
-// of what a large group's round sends Redis and Redis turns into Lua
-// strings for every call, is left out. A user that finds some of them
-// duplicates, and is left with few enough to carry, wakes its streams with
-// a summary or an empty wake-up then, and they read the log.
-func carries(entries []*chat.LogEntry, users []*userBatch) bool {
+// fitWakeUp reports whether entries fit one wake-up (pushSize, in the form
+// a wake-up carries them). A call's entries travel twice, as the list
+// stores them and as a wake-up carries them; when every user of the call
+// takes them all and they do not fit, no user's wake-up can carry them (it
+// sums them up, or is empty), so Append leaves the second copy out: half
+// of what a large group's round sends Redis, which Redis turns into Lua
+// strings for every call. A user that finds some of them duplicates, and
+// is left with few enough to carry, wakes its streams with a summary or an
+// empty wake-up then, and they read the log.
+func fitWakeUp(entries []*chat.LogEntry) bool {
 	size := 0
 	for _, e := range entries {
 		n := len(e.Type) + 1 + len(e.Data)
 		size += len(strconv.Itoa(n)) + 1 + n
 	}
-	if size <= pushSize {
-		return true
-	}
-	for _, b := range users {
-		if !allEntries(b.entries, entries) {
-			return true
-		}
-	}
-	return false
+	return size <= pushSize
 }
 
+// allEntries reports whether a user's entries are all of a call's, in its
+// order: the usual case in a group's round, sent as "*" instead of a number
+// per entry (which Redis had to turn into a Lua string and back into a
+// number for every recipient).
 func allEntries(user, call []*chat.LogEntry) bool {
 	if len(user) != len(call) {
 		return false

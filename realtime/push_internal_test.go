@@ -32,25 +32,15 @@ func TestParsePush(t *testing.T) {
 	}
 }
 
-// A call's wake-ups carry its entries unless they cannot: every user takes
-// all of them and they are more than pushSize. Then the wake-up form is
-// left out of the call.
-func TestCarries(t *testing.T) {
+// Whether a call's entries fit one wake-up is decided by the exact size a
+// wake-up would carry: "<length>:<type> <data>" each.
+func TestFitWakeUp(t *testing.T) {
 	entry := func(n int) *chat.LogEntry {
 		return &chat.LogEntry{Type: chat.EventMessageCreated, ConversationID: "c", Seq: 1, Data: make([]byte, n)}
 	}
-	small, big1, big2 := entry(100), entry(pushSize/2), entry(pushSize/2)
-	all := []*chat.LogEntry{small, big1, big2}
-	takesAll := &userBatch{uid: "a", entries: all}
-	takesSome := &userBatch{uid: "b", entries: []*chat.LogEntry{small}}
-
-	require.True(t, carries([]*chat.LogEntry{small, big1}, []*userBatch{{uid: "a", entries: []*chat.LogEntry{small, big1}}}),
-		"they fit")
-	require.False(t, carries(all, []*userBatch{takesAll, takesAll}), "everyone takes them all, and they do not fit")
-	require.True(t, carries(all, []*userBatch{takesAll, takesSome}), "b's one entry fits")
-	// The exact wake-up size decides: "<length>:<type> <data>".
+	require.True(t, fitWakeUp([]*chat.LogEntry{entry(100), entry(pushSize / 2)}))
+	require.False(t, fitWakeUp([]*chat.LogEntry{entry(100), entry(pushSize / 2), entry(pushSize / 2)}))
 	exact := entry(pushSize - len(strconv.Itoa(pushSize)) - 1 - len(chat.EventMessageCreated) - 1)
-	require.True(t, carries([]*chat.LogEntry{exact}, []*userBatch{{uid: "a", entries: []*chat.LogEntry{exact}}}))
-	one := entry(len(exact.Data) + 1)
-	require.False(t, carries([]*chat.LogEntry{one}, []*userBatch{{uid: "a", entries: []*chat.LogEntry{one}}}))
+	require.True(t, fitWakeUp([]*chat.LogEntry{exact}), "exactly pushSize")
+	require.False(t, fitWakeUp([]*chat.LogEntry{entry(len(exact.Data) + 1)}), "one byte more")
 }

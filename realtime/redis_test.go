@@ -556,6 +556,27 @@ func TestWakeUpsCarryEntries(t *testing.T) {
 	recvWake(t, s, 5*time.Second, "the big batch")
 	_, _, ok = s.Since(next, nil)
 	require.False(t, ok, "an oversized batch is not carried")
+	next, err = rt.Head(ctx, "alice")
+	require.NoError(t, err)
+
+	// One call with bob's large round and alice's one small entry: alice's
+	// wake-up still carries hers (the call's entries are not left out of it
+	// because they would not all fit one wake-up: not every user takes all).
+	var mixed []chat.Delivery
+	for seq := int64(1); seq <= 20; seq++ {
+		d := msg(seq, strings.Repeat("y", 500))
+		d.UserID, d.Entry.ConversationID = "bob", "c9"
+		mixed = append(mixed, d)
+	}
+	mixed = append(mixed, msg(26, "small"))
+	_, err = rt.Append(ctx, mixed)
+	require.NoError(t, err)
+	recvWake(t, s, 5*time.Second, "alice's entry among bob's round")
+	evs, n, ok = s.Since(next, nil)
+	require.True(t, ok, "carried")
+	require.Len(t, evs, 1)
+	require.Contains(t, string(evs[0].Data), "small")
+	require.Equal(t, next.Offset+1, n.Offset)
 }
 
 // A wake-up too big to carry its entries sums them up when they are all
